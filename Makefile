@@ -1,0 +1,38 @@
+# Every target installs what it needs: a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+DEB_PACKAGES := prometheus espeak-ng sox ffmpeg libsndfile1
+MODEL ?= model_store/default
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test venv system-deps default-model clean
+
+serve: $(STAMP)
+	@test -f $(MODEL)/card.json || { echo "make serve: no model at $(MODEL) (run 'make default-model' or set MODEL=DIR)"; exit 1; }
+	$(VENV)/bin/fastast serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Debian packages used by the tests (real Prometheus, espeak-ng speech, sox); installed only when missing.
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache build service/*.egg-info

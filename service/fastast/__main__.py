@@ -1,0 +1,5 @@
+import sys
+
+from fastast.cli import main
+
+sys.exit(main())

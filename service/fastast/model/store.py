@@ -1,0 +1,173 @@
+"""The model store: a servable model is a folder with `model.safetensors` and `card.json`.
+
+Weights are only ever read with safetensors (no pickle), and their sha256 must match the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fastast.errors import CheckpointError, IntegrityError, InvalidRError
+from fastast.model.ast import AST, ASTConfig
+from fastast.model.card import ModelCard
+
+WEIGHTS = "model.safetensors"
+CARD = "card.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ast_config_from_card(card: ModelCard) -> ASTConfig:
+    arch = {k: v for k, v in card.arch.items() if k != "type"}
+    return ASTConfig(num_classes=card.num_classes, **arch)
+
+
+def card_arch(config: ASTConfig) -> dict:
+    """The card's `arch` entry for an AST (num_classes lives in the card's labels)."""
+    arch = {"type": "ast", **config.to_dict()}
+    del arch["num_classes"]
+    return arch
+
+
+def build_network(card: ModelCard) -> nn.Module:
+    """An untrained network of the architecture the card describes."""
+    kind = card.arch.get("type", "ast")
+    if kind == "ast":
+        try:
+            return AST(ast_config_from_card(card))
+        except TypeError as exc:
+            raise CheckpointError(f"card arch does not describe an AST: {exc}") from None
+    raise CheckpointError(f"unknown architecture type {kind!r} in card")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict_checked(network: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """load_state_dict with one readable error for missing, unexpected or mis-shaped keys."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shapes {_short(wrong_shape)}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    network.load_state_dict(state)
+
+
+def _short(items: list[str], limit: int = 4) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def save_model(directory: str | Path, network: nn.Module, card: ModelCard) -> ModelCard:
+    """Write weights and card; the card gets the weights' sha256. Returns the card as written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS
+    state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(weights))
+    card = card.model_copy(update={"weights_sha256": sha256_file(weights)})
+    card.save(directory / CARD)
+    return card
+
+
+class FastASTModel(nn.Module):
+    """A loaded model: the network plus its card, its front end and its output activation."""
+
+    def __init__(self, network: nn.Module, card: ModelCard):
+        super().__init__()
+        self.net = network
+        self.card = card
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    @property
+    def max_r(self) -> int:
+        """Beyond this r nothing more can merge: half the patch tokens."""
+        config = getattr(self.net, "config", None)
+        return config.num_patches // 2 if isinstance(config, ASTConfig) else 0
+
+    def featurize(self, waveforms: Tensor | np.ndarray, sample_rate: int) -> Tensor:
+        """Waveforms [batch, samples] (or [samples]) -> normalized features [batch, time, mel] on the model's device."""
+        from fastast import audio
+
+        spec = self.card.input
+        features = audio.featurize(
+            waveforms,
+            sample_rate,
+            target_length=spec.target_length,
+            mean=spec.mean,
+            std=spec.std,
+            num_mel_bins=spec.num_mel_bins,
+            model_sample_rate=spec.sample_rate,
+        )
+        return features.to(self.device)
+
+    def forward(self, features: Tensor, r: int | Sequence[int] = 0) -> Tensor:
+        if isinstance(self.net, AST):
+            return self.net(features.to(self.dtype), r)
+        if r != 0:
+            raise InvalidRError(f"{self.card.arch.get('type')} models have no token merging; use r=0")
+        return self.net(features.to(self.dtype))
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """Sigmoid for multi-label models, softmax for single-label ones."""
+        logits = logits.float()
+        return logits.sigmoid() if self.card.task == "multi-label" else logits.softmax(dim=-1)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> FastASTModel:
+    """Load model_store/NAME: checks the weights' sha256 against the card, never unpickles."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model folder not found: {directory}")
+    card = ModelCard.load(directory / CARD)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS} in {directory}")
+    actual = sha256_file(weights)
+    if card.weights_sha256 and actual != card.weights_sha256:
+        raise IntegrityError(
+            f"{weights}: sha256 {actual[:12]}… does not match the card's {card.weights_sha256[:12]}…"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    network = build_network(card)
+    load_state_dict_checked(network, state, str(weights))
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    model = FastASTModel(network, card).eval().to(device=device, dtype=dtype)
+    return model
