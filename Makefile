@@ -34,5 +34,9 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# Reproduce model_store/default end to end: synthetic data, CNN teacher, students, evaluation tables.
+default-model: $(STAMP) system-deps
+	bash scripts/default_model.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache build service/*.egg-info

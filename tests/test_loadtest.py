@@ -1,0 +1,67 @@
+"""The load-test tools against a real `fastast serve`: the r sweep and the Locust file."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.sweep import percentile
+from serverutil import running_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_percentile_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 95) == 7.0
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_dir):
+    with running_server(tiny_model_dir, "--max-batch-size", "8", "--max-wait-ms", "10") as url:
+        yield url
+
+
+def test_sweep_writes_table_csv_and_plot(server_url, tmp_path):
+    out = tmp_path / "sweep"
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.sweep", "--url", server_url, "--r", "0,20", "--concurrency", "1,8",
+         "--duration", "2", "--warmup", "0.5", "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, timeout=120,
+    )
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(row["r"]), int(row["concurrency"])) for row in rows] == [(0, 1), (20, 1), (0, 8), (20, 8)]
+    for row in rows:
+        assert int(row["errors"]) == 0
+        assert float(row["samples_per_s"]) > 0
+        assert float(row["p50_ms"]) <= float(row["p95_ms"]) <= float(row["p99_ms"])
+    single = [row for row in rows if row["concurrency"] == "1"]
+    assert all(float(row["mean_batch_size"]) == 1.0 for row in single)
+    # Eight closed-loop clients keep several requests queued, so the batcher must form batches > 1.
+    assert any(float(row["mean_batch_size"]) > 1.0 for row in rows if row["concurrency"] == "8")
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("| r | concurrency | S/s |") and len(table.splitlines()) == 6
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_locustfile_reports_one_row_per_r(server_url, tmp_path):
+    prefix = tmp_path / "locust"
+    subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+         "-u", "4", "-r", "4", "-t", "4s", "--host", server_url, "--csv", str(prefix), "--only-summary"],
+        check=True, capture_output=True, timeout=120, env={"LOADTEST_R_MIX": "0:1,10:1,30:1", "PATH": "/usr/bin:/bin"},
+    )
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    for r in (0, 10, 30):
+        row = rows[f"/classify r={r}"]
+        assert int(row["Request Count"]) > 0
+        assert int(row["Failure Count"]) == 0
