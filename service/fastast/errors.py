@@ -9,6 +9,10 @@ class InvalidAudioError(FastASTError, ValueError):
     """Audio that cannot be decoded, is empty, or holds NaN/Inf samples."""
 
 
+class AudioTooLongError(InvalidAudioError):
+    """Audio longer than the caller's limit (the service answers 413 rather than 400)."""
+
+
 class InvalidRError(FastASTError, ValueError):
     """A token-merging schedule that is negative, not an integer, or of the wrong length."""
 
@@ -19,3 +23,7 @@ class CheckpointError(FastASTError):
 
 class IntegrityError(CheckpointError):
     """Weights whose sha256 differs from the one recorded in the model card."""
+
+
+class ExportError(FastASTError):
+    """An export whose graph fails the ONNX checker or disagrees with the PyTorch model it came from."""

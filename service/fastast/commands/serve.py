@@ -1,0 +1,68 @@
+"""`fastast serve`: the HTTP service (one model, dynamic batching by r, Prometheus metrics).
+
+Every flag is also an environment variable FASTAST_<NAME> (fastast.serving.settings.ServeSettings); a flag
+given on the command line wins over the environment. The flags are listed here rather than generated from the
+settings so that `fastast --help` does not import pydantic; a test keeps both lists equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# setting name -> (metavar, help); every field of ServeSettings, nothing else.
+OPTIONS: dict[str, tuple[str, str]] = {
+    "model": ("DIR", "model_store folder with model.safetensors and card.json (default model_store/default)"),
+    "host": ("ADDR", "address to listen on (default 127.0.0.1)"),
+    "port": ("PORT", "TCP port (default 8000)"),
+    "default_r": ("R", "ToMe r for requests that give none (default 0)"),
+    "max_r": ("R", "largest r a request may ask for (default: half the model's patch tokens)"),
+    "max_batch_size": ("N", "requests per batch at most (default 32)"),
+    "max_wait_ms": ("MS", "how long a queue's oldest request waits for its batch to fill (default 5.0)"),
+    "max_queue": ("N", "requests admitted but not yet in a batch, all r together; more get 429 (default 256)"),
+    "timeout_s": ("S", "request deadline; a request still queued then gets 504 (default 30.0)"),
+    "max_audio_s": ("S", "longest audio accepted; longer gets 413 (default 30.0)"),
+    "max_upload_mb": ("MB", "largest upload accepted; larger gets 413 (default 20.0)"),
+    "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the graphs of `fastast export-onnx` in --model (default torch)"),
+    "device": ("DEV", "auto, cpu, cuda or cuda:N (default auto)"),
+    "dtype": ("{auto,fp32,bf16,fp16}", "auto = fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA (default auto)"),
+    "decode_threads": ("N", "threads decoding audio and computing features (default: CPU count, at most 8)"),
+    "log_level": ("LEVEL", "critical, error, warning, info or debug (default info)"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (POST /classify?r=20)",
+        description="Serve one model: POST /classify, GET /models, /healthz, /readyz, /metrics, /docs. "
+        "Each flag can also be set as the environment variable FASTAST_<FLAG> (e.g. FASTAST_MAX_BATCH_SIZE=64); "
+        "flags win over the environment.",
+    )
+    for name, (metavar, text) in OPTIONS.items():
+        parser.add_argument(flag(name), dest=name, metavar=metavar, default=argparse.SUPPRESS, help=text)
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """ServeSettings from the environment, overridden by the flags that were given."""
+    from pydantic import ValidationError
+
+    from fastast.errors import FastASTError
+    from fastast.serving.errors import describe_validation_error
+    from fastast.serving.settings import ServeSettings
+
+    given = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
+    try:
+        return ServeSettings(**given)
+    except ValidationError as exc:
+        raise FastASTError(f"invalid setting (flag or FASTAST_ variable): {describe_validation_error(exc)}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastast.serving.server import serve
+
+    return serve(settings_from_args(args))

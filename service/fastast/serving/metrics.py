@@ -1,0 +1,102 @@
+"""Prometheus metrics of the service. Their names and labels are a public interface: dashboards and alert rules use them.
+
+All live on one CollectorRegistry per app (never the global one), so several apps in one process (tests)
+do not collide. Label values are bounded: `r` is an integer within the served range or "invalid", `status`
+is one of STATUSES; no user-supplied string ever becomes a label.
+
+Derived quantities: samples/s per r = rate(fastast_samples_total), mean batch size per r =
+rate(fastast_batch_size_sum) / rate(fastast_batch_size_count), latency percentiles via histogram_quantile.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# The *_created series double the exposition and no dashboard uses them (a process-wide switch of prometheus_client).
+disable_created_metrics()
+
+# ok: answered with scores; bad_request: the client's input was refused (4xx); rejected: shed by a full queue,
+# warm-up or shutdown (429/503); timeout: deadline passed while queued (504); error: the batch failed (500);
+# cancelled: the client went away while its request was queued (never computed).
+STATUSES = ("ok", "bad_request", "rejected", "timeout", "error", "cancelled")
+INVALID_R = "invalid"
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch (and the largest batch itself)."""
+    buckets = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
+    return tuple(sorted(buckets | {max_batch_size}))
+
+
+class ServingMetrics:
+    def __init__(self, max_batch_size: int):
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        registry = self.registry
+        self.requests = Counter(
+            "fastast_requests", "Classify requests by r and outcome", ["r", "status"], registry=registry
+        )
+        self.samples = Counter("fastast_samples", "Audio clips inferred, by r", ["r"], registry=registry)
+        self.request_duration = Histogram(
+            "fastast_request_duration_seconds",
+            "End-to-end classify latency (upload read to response)",
+            ["r"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "fastast_queue_wait_seconds",
+            "Time a request waited in its r queue before its batch started",
+            ["r"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "fastast_inference_duration_seconds",
+            "Model time per batch",
+            ["r"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "fastast_batch_size",
+            "Requests per batch",
+            ["r"],
+            buckets=batch_size_buckets(max_batch_size),
+            registry=registry,
+        )
+        self.queue_depth = Gauge("fastast_queue_depth", "Requests waiting in the queue of each r", ["r"], registry=registry)
+        self.model_info = Gauge(
+            "fastast_model_info",
+            "The served model (value 1)",
+            ["model", "arch", "device", "dtype", "backend"],
+            registry=registry,
+        )
+
+    def set_model(self, *, model: str, arch: str, device: str, dtype: str, backend: str) -> None:
+        self.model_info.labels(model=model, arch=arch, device=device, dtype=dtype, backend=backend).set(1)
+
+    def record_request(self, r: str, status: str, seconds: float) -> None:
+        self.requests.labels(r=r, status=status).inc()
+        self.request_duration.labels(r=r).observe(seconds)
+
+    def record_batch(self, r: int, size: int, seconds: float) -> None:
+        label = str(r)
+        self.samples.labels(r=label).inc(size)
+        self.batch_size.labels(r=label).observe(size)
+        self.inference_duration.labels(r=label).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,44 @@
+"""Every knob of `fastast serve` in one object: set by CLI flag, by environment (FASTAST_<NAME>), or left at its default.
+
+The CLI flags are generated from these fields (fastast.commands.serve), so the two can never drift apart;
+values given as flags override the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FASTAST_", extra="forbid", validate_default=True)
+
+    model: Path = Field(Path("model_store/default"), description="model_store folder (model.safetensors + card.json)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    default_r: int = Field(0, ge=0, description="ToMe r for requests that give none")
+    max_r: int | None = Field(None, ge=0, description="largest r a request may ask for (default: half the model's patch tokens)")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="requests per batch at most")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued request waits for its batch to fill")
+    max_queue: int = Field(256, ge=1, description="requests admitted but not yet in a batch (all r together); beyond: 429")
+    timeout_s: float = Field(30.0, gt=0, description="deadline of a request; one still queued then answers 504")
+    max_audio_s: float = Field(30.0, gt=0, description="longest audio accepted, in seconds (413 beyond)")
+    max_upload_mb: float = Field(20.0, gt=0, description="largest upload accepted, in MB (413 beyond)")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="torch, or onnxruntime on the r{N}.onnx graphs `fastast export-onnx` wrote into --model"
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights and activations: auto = fp32 on CPU, bf16 (or fp16) on CUDA"
+    )
+    decode_threads: int | None = Field(
+        None, ge=1, description="threads that decode audio and compute features (default: CPU count, at most 8)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)

@@ -1,0 +1,296 @@
+"""In-process tests of the service (httpx over ASGI, the app's own lifespan) where a fault is injected into the
+backend, plus the batcher's scheduling and the serve command's settings."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import torch
+
+from fastast import cli
+from fastast.commands import serve as serve_command
+from fastast.errors import FastASTError
+from fastast.serving.app import create_app
+from fastast.serving.backend import TorchBackend, load_torch_backend
+from fastast.serving.batcher import Batcher
+from fastast.serving.metrics import ServingMetrics
+from fastast.serving.service import warmup_batch_sizes
+from fastast.serving.settings import ServeSettings
+
+WAV = {"Content-Type": "audio/wav"}
+
+
+@pytest.fixture
+def backend(tiny_model_dir) -> TorchBackend:
+    return load_torch_backend(tiny_model_dir, "cpu", "fp32")
+
+
+@pytest.fixture(scope="module")
+def speech(speech_wav) -> bytes:
+    return speech_wav.read_bytes()
+
+
+@asynccontextmanager
+async def serving(backend, wait_ready: bool = True, **settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(ServeSettings(**settings), backend)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fastast", timeout=30) as client:
+            if wait_ready:
+                for _ in range(500):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.01)
+            yield client
+
+
+def classify(client: httpx.AsyncClient, data: bytes, **params):
+    return client.post("/classify", params=params, content=data, headers=WAV)
+
+
+# ---- faults --------------------------------------------------------------------------------------------------
+
+
+def test_a_failing_batch_fails_only_its_requests(backend, speech, monkeypatch):
+    real_run = backend.run
+    failures = []
+
+    def run_failing_once_at_r7(features, r):
+        if r == 7 and not failures:
+            failures.append(features.shape[0])
+            raise RuntimeError("injected device fault")
+        return real_run(features, r)
+
+    async def scenario():
+        async with serving(backend, max_wait_ms=100) as client:
+            monkeypatch.setattr(backend, "run", run_failing_once_at_r7)
+            responses = await asyncio.gather(*(classify(client, speech, r=r) for r in (7, 7, 3, 3)))
+            after = [await classify(client, speech, r=r) for r in (7, 3)]
+            metrics = (await client.get("/metrics")).text
+        return responses, after, metrics
+
+    responses, after, metrics = asyncio.run(scenario())
+    failed = [response for response in responses if response.status_code == 500]
+    assert len(failed) == failures[0] >= 1  # exactly the requests of the failed batch
+    assert all(response.json()["error"] == "inference_failed" for response in failed)
+    assert all(response.status_code == 200 for response in responses[2:])  # the other r was not affected
+    assert [response.status_code for response in after] == [200, 200]  # and the server keeps serving
+    assert f'fastast_requests_total{{r="7",status="error"}} {float(len(failed))}' in metrics
+
+
+def test_not_ready_until_warmed_up_for_every_batch_bucket(backend, speech, monkeypatch):
+    gate = threading.Event()
+    calls: list[tuple[int, int]] = []
+    real_run = backend.run
+
+    def gated_run(features, r):
+        gate.wait(30)
+        calls.append((features.shape[0], r))
+        return real_run(features, r)
+
+    monkeypatch.setattr(backend, "run", gated_run)
+
+    async def scenario():
+        async with serving(backend, wait_ready=False, max_batch_size=8, default_r=5) as client:
+            try:
+                warming = [await client.get(path) for path in ("/readyz", "/healthz")]
+                refused = await classify(client, speech)
+            finally:
+                gate.set()
+            for _ in range(500):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            return warming, refused, await client.get("/readyz"), await classify(client, speech)
+
+    (readyz, healthz), refused, ready, served = asyncio.run(scenario())
+    assert readyz.status_code == 503 and readyz.json()["error"] == "not_ready"
+    assert healthz.status_code == 200
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert ready.status_code == 200 and served.status_code == 200
+    assert calls[:4] == [(1, 5), (2, 5), (4, 5), (8, 5)]  # one forward per batch-size bucket at the default r
+    assert warmup_batch_sizes(32) == [1, 2, 4, 8, 16, 32] and warmup_batch_sizes(6) == [1, 2, 4, 6]
+
+
+def test_failed_warm_up_is_reported_by_health_and_readiness(backend, speech, monkeypatch):
+    def broken(features, r):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(backend, "run", broken)
+
+    async def scenario():
+        async with serving(backend, wait_ready=False) as client:
+            for _ in range(500):
+                if (await client.get("/healthz")).status_code == 503:
+                    break
+                await asyncio.sleep(0.01)
+            return await client.get("/healthz"), await client.get("/readyz"), await classify(client, speech)
+
+    healthz, readyz, refused = asyncio.run(scenario())
+    for response in (healthz, readyz, refused):
+        assert response.status_code == 503 and response.json()["error"] == "warmup_failed"
+        assert "out of memory" in response.json()["detail"]
+
+
+def test_server_wide_timeout_answers_504(backend, speech):
+    async def scenario():
+        async with serving(backend, timeout_s=0.3, max_wait_ms=5000) as client:
+            started = time.monotonic()
+            response = await classify(client, speech)
+            return response, time.monotonic() - started
+
+    response, elapsed = asyncio.run(scenario())
+    assert response.status_code == 504 and response.json() == {
+        "error": "timeout",
+        "detail": "the request's deadline passed before it could run",
+    }
+    assert elapsed < 3
+
+
+def test_framework_validation_errors_are_reshaped(backend):
+    app = create_app(ServeSettings(), backend)
+
+    @app.get("/probe")
+    async def probe(n: int) -> int:
+        return n
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fastast") as client:
+            return await client.get("/probe", params={"n": "seven"})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "invalid_parameter" and body["detail"].startswith("n: ") and "seven" in body["detail"]
+
+
+# ---- the batcher ----------------------------------------------------------------------------------------------
+
+
+def run_batcher(backend, scenario, **options):
+    async def main():
+        batcher = Batcher(backend, ServingMetrics(8), **options)
+        batcher.start()
+        try:
+            return await scenario(batcher)
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main())
+
+
+def features() -> torch.Tensor:
+    return torch.randn(128, 128)
+
+
+def test_scheduler_serves_oldest_head_first_one_r_per_batch(backend, monkeypatch):
+    gate = threading.Event()
+    batches: list[tuple[int, int]] = []
+    real_run = backend.run
+
+    def recording_run(x, r):
+        gate.wait(30)
+        batches.append((r, x.shape[0]))
+        return real_run(x, r)
+
+    monkeypatch.setattr(backend, "run", recording_run)
+
+    async def scenario(batcher: Batcher):
+        deadline = time.monotonic() + 30
+        first = batcher.submit(batcher.admit(), features(), 1, deadline)
+        while not batches and batcher.queued:  # wait until the first batch holds the inference thread
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        jobs = []
+        for r in (2, 1, 2, 1, 1):  # queue 2: B, D; queue 1: C, E, F; queue 2's head is older
+            jobs.append(batcher.submit(batcher.admit(), features(), r, deadline))
+            await asyncio.sleep(0.002)
+        gate.set()
+        return [await batcher.wait(job) for job in [first, *jobs]]
+
+    results = run_batcher(backend, scenario, max_batch_size=2, max_wait_s=0.0, max_queue=16)
+    assert batches == [(1, 1), (2, 2), (1, 2), (1, 1)]
+    assert [result.batch_size for result in results] == [1, 2, 2, 2, 2, 1]
+
+
+def test_batch_flushes_when_full_or_when_its_head_has_waited(backend):
+    async def scenario(batcher: Batcher):
+        deadline = time.monotonic() + 30
+        started = time.monotonic()
+        full = [batcher.submit(batcher.admit(), features(), 4, deadline) for _ in range(3)]
+        full_results = [await batcher.wait(job) for job in full]
+        full_s = time.monotonic() - started
+        started = time.monotonic()
+        lone = await batcher.wait(batcher.submit(batcher.admit(), features(), 4, deadline))
+        return full_results, full_s, lone, time.monotonic() - started
+
+    full, full_s, lone, lone_s = run_batcher(backend, scenario, max_batch_size=3, max_wait_s=0.5, max_queue=16)
+    assert [result.batch_size for result in full] == [3, 3, 3] and full_s < 0.5  # full: no waiting
+    assert lone.batch_size == 1 and 0.5 <= lone_s < 5 and lone.queue_s >= 0.5
+
+
+def test_admission_is_bounded(backend):
+    async def scenario(batcher: Batcher):
+        tickets = [batcher.admit() for _ in range(2)]
+        try:
+            batcher.admit()
+        except Exception as exc:  # noqa: BLE001 - the type is asserted below
+            refused = exc
+        tickets[0].release()
+        tickets[0].release()  # idempotent
+        again = batcher.admit()
+        for ticket in (tickets[1], again):
+            ticket.release()
+        return refused
+
+    refused = run_batcher(backend, scenario, max_batch_size=2, max_wait_s=0.0, max_queue=2)
+    assert type(refused).__name__ == "QueueFullError"
+
+
+# ---- settings and the command ------------------------------------------------------------------------------------
+
+
+def test_every_setting_has_a_flag_with_its_default_in_the_help():
+    assert list(serve_command.OPTIONS) == list(ServeSettings.model_fields)
+    for name, field in ServeSettings.model_fields.items():
+        if field.default is not None:
+            assert str(field.default) in serve_command.OPTIONS[name][1], name
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("FASTAST_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("FASTAST_PORT", "9001")
+    parser = cli.build_parser()
+    from_env = serve_command.settings_from_args(parser.parse_args(["serve"]))
+    assert (from_env.max_batch_size, from_env.port, from_env.max_wait_ms) == (7, 9001, 5.0)
+    flagged = serve_command.settings_from_args(parser.parse_args(["serve", "--max-batch-size", "9", "--max-r", "3"]))
+    assert (flagged.max_batch_size, flagged.port, flagged.max_r) == (9, 9001, 3)
+
+
+@pytest.mark.parametrize(
+    "env,args,word", [({"FASTAST_DEVICE": "tpu"}, [], "device"), ({}, ["--max-batch-size", "0"], "max_batch_size")]
+)
+def test_invalid_settings_are_one_line_errors(monkeypatch, env, args, word):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(FastASTError, match=word):
+        serve_command.settings_from_args(cli.build_parser().parse_args(["serve", *args]))
+
+
+def test_r_limits_are_checked_against_the_model(backend):
+    with pytest.raises(FastASTError, match="exceeds the model's limit of 72"):
+        create_app(ServeSettings(max_r=73), backend)
+    with pytest.raises(FastASTError, match="--default-r 9 exceeds --max-r 8"):
+        create_app(ServeSettings(max_r=8, default_r=9), backend)
+
+
+def test_serve_without_a_model_exits_2(tmp_path, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastast serve: error:") and "missing" in err and "\n" not in err
