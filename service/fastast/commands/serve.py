@@ -22,7 +22,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "timeout_s": ("S", "request deadline; a request still queued then gets 504 (default 30.0)"),
     "max_audio_s": ("S", "longest audio accepted; longer gets 413 (default 30.0)"),
     "max_upload_mb": ("MB", "largest upload accepted; larger gets 413 (default 20.0)"),
-    "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the graphs of `fastast export-onnx` in --model (default torch)"),
+    "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the `fastast export-onnx` graphs in --model (default torch)"),
     "device": ("DEV", "auto, cpu, cuda or cuda:N (default auto)"),
     "dtype": ("{auto,fp32,bf16,fp16}", "auto = fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA (default auto)"),
     "decode_threads": ("N", "threads decoding audio and computing features (default: CPU count, at most 8)"),

@@ -44,6 +44,10 @@ def build_network(card: ModelCard) -> nn.Module:
             return AST(ast_config_from_card(card))
         except TypeError as exc:
             raise CheckpointError(f"card arch does not describe an AST: {exc}") from None
+    if kind == "efficientnet_b2":  # the CMKD teacher; needs timm (the `train` extra)
+        from fastast.training.teacher import build_teacher
+
+        return build_teacher(card)
     raise CheckpointError(f"unknown architecture type {kind!r} in card")
 
 
@@ -140,9 +144,13 @@ class FastASTModel(nn.Module):
         return self.net(features.to(self.dtype))
 
     def scores(self, logits: Tensor) -> Tensor:
-        """Sigmoid for multi-label models, softmax for single-label ones."""
-        logits = logits.float()
-        return logits.sigmoid() if self.card.task == "multi-label" else logits.softmax(dim=-1)
+        return scores_from_logits(logits, self.card.task)
+
+
+def scores_from_logits(logits: Tensor, task: str) -> Tensor:
+    """Sigmoid for multi-label models, softmax for single-label ones (shared by every backend)."""
+    logits = logits.float()
+    return logits.sigmoid() if task == "multi-label" else logits.softmax(dim=-1)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> FastASTModel:
