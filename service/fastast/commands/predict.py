@@ -38,16 +38,6 @@ def parse_r_arg(text: str) -> int | list[int]:
     return values if "," in text else values[0]
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastASTError("--device cuda: no CUDA device is available")
-    return name
-
-
 def read_audio(path: Path, sample_rate: int):
     """One file as mono float32 at the model's rate; errors name the file."""
     from fastast.audio import load_audio
@@ -62,6 +52,7 @@ def read_audio(path: Path, sample_rate: int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fastast.device import resolve_device
     from fastast.model import tome
     from fastast.model.ast import AST
     from fastast.model.store import load_model

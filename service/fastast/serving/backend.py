@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastast import audio
-from fastast.errors import FastASTError
+from fastast.device import resolve_device
 from fastast.model.card import ModelCard
 from fastast.model.store import DTYPES, FastASTModel, load_model
 
@@ -94,19 +94,6 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             logits = self.model(features.to(self.model.device, non_blocking=True), r)
             return self.model.scores(logits).cpu()
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when one is present, else cpu; cuda without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FastASTError(f"--device {name}: no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FastASTError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
