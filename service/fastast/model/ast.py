@@ -76,7 +76,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, size: Tensor | None, prop_attn: bool) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, size: Tensor | None, prop_attn: bool, metric: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Output and, when `metric` (the block will merge), the ToMe metric; skipping it keeps r=0 lean."""
         batch, num_tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         bias = size.log().to(x.dtype).view(batch, 1, 1, num_tokens) if prop_attn and size is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
-        return self.proj(out), k.mean(dim=1)
+        return self.proj(out), k.mean(dim=1) if metric else None
 
 
 class Mlp(nn.Module):
@@ -119,14 +120,14 @@ class Block(nn.Module):
         self.mlp = Mlp(config.dim, int(config.dim * config.mlp_ratio))
 
     def forward(self, x: Tensor, r: int, state: MergeState) -> Tensor:
-        attn_out, metric = self.attn(self.norm1(x), state.size, state.prop_attn)
+        merging = tome.clamp_r(r, x.shape[1]) > 0
+        attn_out, metric = self.attn(self.norm1(x), state.size, state.prop_attn, metric=merging)
         x = x + attn_out
-        if r > 0:
+        if merging:
             merge = tome.bipartite_soft_matching(metric, r)
-            if merge is not None:
-                if state.trace_source:
-                    state.source = tome.merge_source(merge, x, state.source)
-                x, state.size = tome.merge_wavg(merge, x, state.size)
+            if state.trace_source:
+                state.source = tome.merge_source(merge, x, state.source)
+            x, state.size = tome.merge_wavg(merge, x, state.size)
         return x + self.mlp(self.norm2(x))
 
 

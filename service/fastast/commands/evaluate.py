@@ -1,0 +1,68 @@
+"""`fastast evaluate`: accuracy (or mAP) and samples/s for each r on a manifest; optionally into the card's r_table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def parse_r_list(text: str) -> list[int]:
+    from fastast.training.data import DataError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DataError(f"--r expects comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise DataError(f"--r expects integers >= 0, got {text!r}")
+    return values
+
+
+def handle(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastast.training.evaluate import run_evaluation
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = run_evaluation(args.model, args.data, parse_r_list(args.r), batch_size=args.batch_size,
+                            device=args.device, workers=args.workers, variant=args.variant)
+    rows = [row.model_dump(exclude_none=True) for row in result.rows]
+    if args.json:
+        print(json.dumps({"model": str(args.model), "data": str(args.data), "samples": result.samples,
+                          "skipped": result.failed, "rows": rows}, indent=1))
+    else:
+        metric = result.rows[0].metric
+        print(f"{'r':>4}  {metric:>9}  {'drop':>8}  {'S/s':>9}")
+        for row in result.rows:
+            print(f"{row.r:>4}  {row.value:>9.4f}  {row.drop:>8.4f}  {row.samples_per_s or 0:>9.1f}")
+        print(f"{result.samples} samples, {len(result.failed)} skipped")
+    if args.plot:
+        from fastast.training.plot import plot_rows
+
+        plot_rows(result.rows, args.plot, title=f"{Path(args.model).name} on {Path(args.data).name}")
+    if args.write_card:
+        from fastast.training.evaluate import write_r_table
+
+        write_r_table(args.card or args.model, result.rows, args.variant, evaluated=args.model)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="accuracy/mAP and samples/s against r", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="model_store folder")
+    parser.add_argument("--data", type=Path, required=True, help="AST-format manifest; labels must be the model's")
+    parser.add_argument("--r", default="0,5,10,15,20,25,30,35,40", help="comma-separated r values (first = baseline)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", type=Path, default=None, help="write accuracy and S/s against r to this PNG")
+    parser.add_argument("--write-card", action="store_true", help="store the rows in the card's r_table")
+    parser.add_argument("--card", type=Path, default=None,
+                        help="with --write-card: store the rows in this model's card instead (e.g. a Train+Inf "
+                             "sibling's table in the shipped model's card); rows then name the evaluated weights")
+    parser.add_argument("--variant", default=None, help='label of these rows, e.g. "Inf" or "Train+Inf"')
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.set_defaults(func=handle)
