@@ -20,12 +20,12 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor
 
+from fastast.device import DTYPES
 from fastast.errors import FastASTError, InvalidRError
 from fastast.model import tome
 from fastast.model.ast import AST, SIZES, ASTConfig
 
 Runner = Callable[[Tensor, int], Tensor]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)

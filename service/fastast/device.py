@@ -1,10 +1,12 @@
-"""Device selection shared by every command and the service."""
+"""Device and dtype names shared by every command and the service (torch only, so the bench can use it)."""
 
 from __future__ import annotations
 
 import torch
 
 from fastast.errors import FastASTError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:

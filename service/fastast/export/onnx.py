@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from fastast.device import DTYPES
 from fastast.errors import ExportError, InvalidRError
 from fastast.export.spec import (
     DEFAULT_OPSET,
@@ -42,7 +43,7 @@ from fastast.export.spec import (
     graph_file,
 )
 from fastast.model.card import ModelCard
-from fastast.model.store import CARD, DTYPES, FastASTModel, load_model
+from fastast.model.store import CARD, FastASTModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fastast.device import DTYPES
 from fastast.errors import CheckpointError, IntegrityError, InvalidRError
 from fastast.model.ast import AST, ASTConfig
 from fastast.model.card import ModelCard
 
 WEIGHTS = "model.safetensors"
 CARD = "card.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def ast_config_from_card(card: ModelCard) -> ASTConfig:

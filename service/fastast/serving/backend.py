@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from fastast import audio
-from fastast.device import resolve_device
+from fastast.device import DTYPES, resolve_device
 from fastast.model.card import ModelCard
-from fastast.model.store import DTYPES, FastASTModel, load_model
+from fastast.model.store import FastASTModel, load_model
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
