@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastast.device import DTYPES
-from fastast.errors import FastASTError, InvalidRError
+from fastast.errors import FastASTError
 from fastast.model import tome
 from fastast.model.ast import AST, SIZES, ASTConfig
 
@@ -101,21 +101,6 @@ def encoder_flops(config: ASTConfig, r: int | Sequence[int]) -> int:
 def tokens_out(config: ASTConfig, r: int | Sequence[int]) -> int:
     """Tokens left after the last block."""
     return tome.token_schedule(config.num_tokens, tome.parse_r(r, config.depth))[-1]
-
-
-def parse_r_values(text: str) -> list[int]:
-    """'0,10,20' -> [0, 10, 20] (duplicates dropped, order kept); every value an integer >= 0."""
-    values: list[int] = []
-    for part in text.split(","):
-        try:
-            value = int(part)
-        except ValueError:
-            raise InvalidRError(f"--r takes comma-separated integers >= 0, got {text!r}") from None
-        if value < 0:
-            raise InvalidRError(f"r must be >= 0, got {value}")
-        if value not in values:
-            values.append(value)
-    return values
 
 
 def random_network(arch: str, target_length: int, num_classes: int) -> AST:

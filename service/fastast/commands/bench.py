@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     from fastast import bench
     from fastast.device import resolve_device
+    from fastast.model import tome
 
-    rs = bench.parse_r_values(args.r)
+    rs = tome.parse_r_values(args.r)
     batch_size = int_arg("--batch-size", args.batch_size, 1)
     warmup = int_arg("--warmup", args.warmup, 0)
     runs = int_arg("--runs", args.runs, 1)

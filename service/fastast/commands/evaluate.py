@@ -7,26 +7,15 @@ import json
 from pathlib import Path
 
 
-def parse_r_list(text: str) -> list[int]:
-    from fastast.training.data import DataError
-
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DataError(f"--r expects comma-separated integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise DataError(f"--r expects integers >= 0, got {text!r}")
-    return values
-
-
 def handle(args: argparse.Namespace) -> int:
     import torch
 
+    from fastast.model.tome import parse_r_values
     from fastast.training.evaluate import run_evaluation
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = run_evaluation(args.model, args.data, parse_r_list(args.r), batch_size=args.batch_size,
+    result = run_evaluation(args.model, args.data, parse_r_values(args.r), batch_size=args.batch_size,
                             device=args.device, workers=args.workers, variant=args.variant)
     rows = [row.model_dump(exclude_none=True) for row in result.rows]
     if args.json:

@@ -33,9 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastast.export.onnx import export_onnx
-    from fastast.export.spec import graph_file, parse_r_values
+    from fastast.export.spec import graph_file
+    from fastast.model.tome import parse_r_values
 
-    r_values = parse_r_values(args.r)
+    r_values = sorted(parse_r_values(args.r))
     card = export_onnx(args.model, args.out, r_values, opset=args.opset, dtype=args.dtype, audio=args.audio)
     spec = card.model_extra["onnx"]
     for r in spec["r"]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
-from fastast.errors import CheckpointError, InvalidRError
+from fastast.errors import CheckpointError
 
 if TYPE_CHECKING:
     from fastast.model.card import ModelCard
@@ -36,20 +36,6 @@ class OnnxSpec(BaseModel):
 
 def graph_file(r: int) -> str:
     return f"r{r}.onnx"
-
-
-def parse_r_values(text: str) -> list[int]:
-    """'0,10,20' -> [0, 10, 20]: distinct non-negative ints, ascending (one graph each)."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InvalidRError(f"--r takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise InvalidRError("--r needs at least one value")
-    negative = [v for v in values if v < 0]
-    if negative:
-        raise InvalidRError(f"r must be >= 0, got {negative[0]}")
-    return sorted(set(values))
 
 
 def read_spec(card: ModelCard, card_path: Path) -> OnnxSpec:

@@ -40,6 +40,21 @@ def parse_r(r: int | Sequence[int], depth: int) -> list[int]:
     return schedule
 
 
+def parse_r_values(text: str) -> list[int]:
+    """A sweep of r values, '0,10,20' -> [0, 10, 20]: integers >= 0, duplicates dropped, order kept."""
+    values: list[int] = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise InvalidRError(f"--r takes comma-separated integers >= 0, got {text!r}") from None
+        if value < 0:
+            raise InvalidRError(f"r must be >= 0, got {value}")
+        if value not in values:
+            values.append(value)
+    return values
+
+
 def clamp_r(r: int, num_tokens: int) -> int:
     """The r a block can actually merge: at most half of the unprotected tokens."""
     return max(0, min(r, (num_tokens - PROTECTED_TOKENS) // 2))
