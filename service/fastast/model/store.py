@@ -93,6 +93,7 @@ def save_model(directory: str | Path, network: nn.Module, card: ModelCard) -> Mo
     weights = directory / WEIGHTS
     state = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
     save_file(state, str(weights))
+    weights.chmod(0o644)  # safetensors writes 0600; a model store is read by other users (e.g. a container's)
     card = card.model_copy(update={"weights_sha256": sha256_file(weights)})
     card.save(directory / CARD)
     return card

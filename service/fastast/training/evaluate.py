@@ -124,7 +124,8 @@ def run_evaluation(
     """Load a model_store model and sweep r on a manifest (no augmentation)."""
     from fastast.model.store import load_model
     from fastast.training.data import AudioDataset, DataError, FeatureSpec, LabelSet, check_examples, read_manifest
-    from fastast.training.loop import make_loader, normalizer, resolve_device
+    from fastast.device import resolve_device
+    from fastast.training.loop import make_loader, normalizer
 
     model = load_model(model_dir, device=resolve_device(device))
     card = model.card

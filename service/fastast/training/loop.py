@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fastast.device import resolve_device
 from fastast.errors import CheckpointError
 from fastast.model.ast import AST, SIZES, ASTConfig
 from fastast.model.card import InputSpec, ModelCard
@@ -82,22 +83,6 @@ class TrainConfig:
     tau: float = 1.0
     name: str | None = None
     command: str = ""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda requested but CUDA is not available")
-    return device
 
 
 def build_student(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict]:
