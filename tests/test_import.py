@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import ASTConfig as HFConfig
 from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
+from conftest import SC_MEAN, SC_STD
+
 from fastast.cli import main
 from fastast.errors import CheckpointError, IntegrityError
 from fastast.model import load_model
@@ -22,7 +24,6 @@ from fastast.model.importers import hf_labels, import_hf, import_original, to_hf
 
 DIM, HEADS, DEPTH, FRAMES = 128, 2, 2, 128  # head width 64, as original AST checkpoints assume
 NAMES = ["dog bark", "siren", "rain", "speech", "music"]
-SC_MEAN, SC_STD = -6.845978, 5.5654526
 P = "audio_spectrogram_transformer."
 ATOL = 1e-4
 
