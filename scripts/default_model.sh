@@ -21,6 +21,10 @@ WORKERS=${WORKERS:-2}
 # The student trains in stages, each continuing from the previous stage's best epoch: learning rates and epochs.
 LRS=(1e-4 2e-4 3e-4 3e-4 3e-4)
 read -r -a STAGE_EPOCHS <<<"${STAGE_EPOCHS:-14 20 30 12 12}"
+if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
+    echo "default_model.sh: STAGE_EPOCHS needs ${#LRS[@]} numbers, one per stage (got '${STAGE_EPOCHS[*]}')" >&2
+    exit 2
+fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
 R_TRAIN=${R_TRAIN:-6}
