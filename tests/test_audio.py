@@ -18,8 +18,9 @@ import torchaudio.compliance.kaldi as ta_kaldi
 from conftest import SC_MEAN, SC_STD, tone, write_wav
 from transformers import ASTFeatureExtractor
 
-from fastast import audio
-from fastast.audio import featurize, kaldi_fbank, load_audio, normalize, pad_or_trim
+from fastast import features
+from fastast.audio import load_audio
+from fastast.features import featurize, kaldi_fbank, normalize, pad_or_trim
 from fastast.errors import AudioTooLongError, InvalidAudioError
 
 # AST's exact call (src/dataloader.py); sample_frequency is added per use.
@@ -112,11 +113,11 @@ def test_fbank_matches_torchaudio_at_other_rates(signals, sample_rate, num_mel_b
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("cpu_block_frames", [audio.CPU_BLOCK_FRAMES, 7])  # 7 // 5 clips: one frame per block
+@pytest.mark.parametrize("cpu_block_frames", [features.CPU_BLOCK_FRAMES, 7])  # 7 // 5 clips: one frame per block
 def test_batched_call_equals_per_item_calls(signals, monkeypatch, cpu_block_frames):
     length = min(len(w) for w in signals.values())
     batch = torch.from_numpy(np.stack([signals[name][:length] for name in SIGNALS]))
-    monkeypatch.setattr(audio, "CPU_BLOCK_FRAMES", cpu_block_frames)
+    monkeypatch.setattr(features, "CPU_BLOCK_FRAMES", cpu_block_frames)
     batched = kaldi_fbank(batch)
     monkeypatch.undo()
     assert batched.shape == (len(SIGNALS), 1 + (length - 400) // 160, 128)
@@ -187,6 +188,24 @@ def test_featurize_accepts_arrays_and_tensors_one_or_many(signals):
     batch = featurize(np.stack([wave, wave[::-1]]).astype(np.float64), 16000, **spec)
     assert batch.shape == (2, 128, 128) and batch.dtype == torch.float32
     torch.testing.assert_close(batch[:1], single, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target_length", [128, 64])
+def test_clips_of_different_lengths_in_one_batch_get_their_solo_features(signals, target_length):
+    """The engine pads a batch of clips to its longest and passes their lengths: each row equals the clip alone."""
+    speech = signals["speech"]
+    clips = [speech[:400], speech[:5_003], signals["white_noise"][:16_000], speech[3_000:26_000]]
+    padded = np.zeros((len(clips), max(map(len, clips))), dtype=np.float32)
+    for row, clip in zip(padded, clips):
+        row[: len(clip)] = clip
+    spec = dict(target_length=target_length, mean=SC_MEAN, std=SC_STD)
+    batched = featurize(padded, 16000, **spec, lengths=[len(clip) for clip in clips])
+    for row, clip in zip(batched, clips):
+        torch.testing.assert_close(row, featurize(clip, 16000, **spec)[0], rtol=0, atol=1e-5)
+    unmasked = featurize(padded, 16000, **spec)  # without lengths, frames that reach into the padding differ
+    assert not torch.allclose(unmasked[1], batched[1], atol=1e-3)
+    with pytest.raises(ValueError, match="model's sample rate"):
+        featurize(padded, 8000, **spec, lengths=[len(clip) for clip in clips])
 
 
 def test_padding_is_zero_log_mel_before_normalization_and_trimming_keeps_the_start(signals):

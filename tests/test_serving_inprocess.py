@@ -1,5 +1,6 @@
-"""In-process tests of the service (httpx over ASGI, the app's own lifespan) where a fault is injected into the
-backend, plus the batcher's scheduling and the serve command's settings."""
+"""In-process tests of the service (httpx over ASGI, the app's own lifespan, its engine on a thread of this process
+behind the same sockets) where a fault is injected into the backend, plus the batcher's scheduling and the serve
+command's settings."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from fastast.commands import serve as serve_command
 from fastast.errors import FastASTError
 from fastast.serving.app import create_app
 from fastast.serving.backend import TorchBackend, load_torch_backend
-from fastast.serving.batcher import Batcher
+from fastast.serving.batcher import Batcher, QueueFullError
+from fastast.serving.engine import warmup_batch_sizes
 from fastast.serving.metrics import ServingMetrics
-from fastast.serving.service import warmup_batch_sizes
 from fastast.serving.settings import ServeSettings
 
 WAV = {"Content-Type": "audio/wav"}
@@ -173,84 +174,89 @@ def test_framework_validation_errors_are_reshaped(backend):
 # ---- the batcher ----------------------------------------------------------------------------------------------
 
 
-def run_batcher(backend, scenario, **options):
+def run_batcher(scenario, run_batch=None, **options):
+    """Run `scenario(batcher, batches)`; the batcher's run_batch records (r, batch size) and echoes the items."""
+    batches: list[tuple[int, int]] = []
+
+    def recording(r, items):
+        batches.append((r, len(items)))
+        return items
+
     async def main():
-        batcher = Batcher(backend, ServingMetrics(8), **options)
+        batcher = Batcher(run_batch or recording, ServingMetrics(8), **options)
         batcher.start()
         try:
-            return await scenario(batcher)
+            return await scenario(batcher, batches)
         finally:
             await batcher.close()
 
     return asyncio.run(main())
 
 
-def features() -> torch.Tensor:
-    return torch.randn(128, 128)
-
-
-def test_scheduler_serves_oldest_head_first_one_r_per_batch(backend, monkeypatch):
+def test_scheduler_serves_oldest_head_first_one_r_per_batch():
     gate = threading.Event()
     batches: list[tuple[int, int]] = []
-    real_run = backend.run
 
-    def recording_run(x, r):
+    def gated(r, items):
         gate.wait(30)
-        batches.append((r, x.shape[0]))
-        return real_run(x, r)
+        batches.append((r, len(items)))
+        return items
 
-    monkeypatch.setattr(backend, "run", recording_run)
-
-    async def scenario(batcher: Batcher):
+    async def scenario(batcher: Batcher, _):
         deadline = time.monotonic() + 30
-        first = batcher.submit(batcher.admit(), features(), 1, deadline)
-        while not batches and batcher.queued:  # wait until the first batch holds the inference thread
+        first = batcher.submit("A", 1, deadline)
+        while batcher.queued:  # wait until the first batch holds the inference thread
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
         jobs = []
-        for r in (2, 1, 2, 1, 1):  # queue 2: B, D; queue 1: C, E, F; queue 2's head is older
-            jobs.append(batcher.submit(batcher.admit(), features(), r, deadline))
+        for item, r in zip("BCDEF", (2, 1, 2, 1, 1)):  # queue 2: B, D; queue 1: C, E, F; queue 2's head is older
+            jobs.append(batcher.submit(item, r, deadline))
             await asyncio.sleep(0.002)
         gate.set()
-        return [await batcher.wait(job) for job in [first, *jobs]]
+        return [await job.future for job in [first, *jobs]]
 
-    results = run_batcher(backend, scenario, max_batch_size=2, max_wait_s=0.0, max_queue=16)
+    results = run_batcher(scenario, gated, max_batch_size=2, max_wait_s=0.0, max_queue=16)
     assert batches == [(1, 1), (2, 2), (1, 2), (1, 1)]
     assert [result.batch_size for result in results] == [1, 2, 2, 2, 2, 1]
+    assert [result.output for result in results] == list("ABCDEF")  # every request gets its own output back
 
 
-def test_batch_flushes_when_full_or_when_its_head_has_waited(backend):
-    async def scenario(batcher: Batcher):
+def test_batch_flushes_when_full_or_when_its_head_has_waited():
+    async def scenario(batcher: Batcher, _):
         deadline = time.monotonic() + 30
         started = time.monotonic()
-        full = [batcher.submit(batcher.admit(), features(), 4, deadline) for _ in range(3)]
-        full_results = [await batcher.wait(job) for job in full]
+        full = [batcher.submit(i, 4, deadline) for i in range(3)]
+        full_results = [await job.future for job in full]
         full_s = time.monotonic() - started
         started = time.monotonic()
-        lone = await batcher.wait(batcher.submit(batcher.admit(), features(), 4, deadline))
+        lone = await batcher.submit(3, 4, deadline).future
         return full_results, full_s, lone, time.monotonic() - started
 
-    full, full_s, lone, lone_s = run_batcher(backend, scenario, max_batch_size=3, max_wait_s=0.5, max_queue=16)
+    full, full_s, lone, lone_s = run_batcher(scenario, max_batch_size=3, max_wait_s=0.5, max_queue=16)
     assert [result.batch_size for result in full] == [3, 3, 3] and full_s < 0.5  # full: no waiting
     assert lone.batch_size == 1 and 0.5 <= lone_s < 5 and lone.queue_s >= 0.5
 
 
-def test_admission_is_bounded(backend):
-    async def scenario(batcher: Batcher):
-        tickets = [batcher.admit() for _ in range(2)]
+def test_admission_is_bounded_and_deadlines_and_cancels_free_places():
+    async def scenario(batcher: Batcher, batches):
+        deadline = time.monotonic() + 30
+        waiting = [batcher.submit(i, 1, deadline) for i in range(2)]
         try:
-            batcher.admit()
-        except Exception as exc:  # noqa: BLE001 - the type is asserted below
+            batcher.submit(2, 1, deadline)
+        except QueueFullError as exc:
             refused = exc
-        tickets[0].release()
-        tickets[0].release()  # idempotent
-        again = batcher.admit()
-        for ticket in (tickets[1], again):
-            ticket.release()
-        return refused
+        batcher.cancel(waiting[0], RuntimeError("client gone"))
+        short = batcher.submit(3, 1, time.monotonic() + 0.05)  # takes the freed place, then expires while queued
+        outcomes = await asyncio.gather(waiting[0].future, short.future, return_exceptions=True)
+        queued_after_expiry = batcher.queued
+        late = batcher.submit(4, 1, time.monotonic() - 1)  # already past its deadline: never queued
+        return refused, outcomes, queued_after_expiry, await asyncio.gather(late.future, return_exceptions=True), batches
 
-    refused = run_batcher(backend, scenario, max_batch_size=2, max_wait_s=0.0, max_queue=2)
-    assert type(refused).__name__ == "QueueFullError"
+    refused, outcomes, queued, late, batches = run_batcher(scenario, max_batch_size=4, max_wait_s=1.0, max_queue=2)
+    assert "max_queue 2" in str(refused)
+    assert [type(o).__name__ for o in outcomes] == ["RuntimeError", "DeadlineExceededError"]
+    assert queued == 1 and type(late[0]).__name__ == "DeadlineExceededError"
+    assert batches == [(1, 1)]  # only the request that stayed was computed (when the queue closed)
 
 
 # ---- settings and the command ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`fastast serve`: the HTTP service (one model, dynamic batching by r, Prometheus metrics).
+"""`fastast serve`: the HTTP service (one model, API worker processes and one engine, dynamic batching by r).
 
 Every flag is also an environment variable FASTAST_<NAME> (fastast.serving.settings.ServeSettings); a flag
 given on the command line wins over the environment. The flags are listed here rather than generated from the
@@ -25,7 +25,13 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the `fastast export-onnx` graphs in --model (default torch)"),
     "device": ("DEV", "auto, cpu, cuda or cuda:N (default auto)"),
     "dtype": ("{auto,fp32,bf16,fp16}", "auto = fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA (default auto)"),
-    "decode_threads": ("N", "threads decoding audio and computing features (default: CPU count, at most 8)"),
+    "workers": ("N", "API worker processes sharing the port (default: usable CPUs, at most 8)"),
+    "engine_threads": ("N", "torch CPU threads in the engine (default: usable CPUs minus workers, at least 1)"),
+    "decode_threads": ("N", "threads per API worker that decode audio (default 2)"),
+    "max_uploads": ("N", "requests per API worker still uploading or decoding; more get 429 (default 64)"),
+    "body_timeout_s": ("S", "time a request has to deliver its whole body; slower gets 408 (default 20.0)"),
+    "header_timeout_s": ("S", "time a connection has to deliver a request's headers; slower is closed (default 10.0)"),
+    "drain_timeout_s": ("S", "on SIGTERM, how long uploads in progress may finish, then 503 (default 10.0)"),
     "log_level": ("LEVEL", "critical, error, warning, info or debug (default info)"),
 }
 
@@ -63,6 +69,6 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastast.serving.server import serve
+    from fastast.serving.supervisor import serve
 
     return serve(settings_from_args(args))

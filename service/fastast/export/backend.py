@@ -42,6 +42,10 @@ class OnnxBackend(Backend):
     def check_r(self, r: int) -> None:
         self.runner.check_r(r)
 
+    @property
+    def r_values(self) -> list[int]:
+        return list(self.runner.r_values)
+
     def run(self, features: Tensor, r: int) -> Tensor:
         return scores_from_logits(self.runner.run(features, r), self.card.task)
 

@@ -1,14 +1,21 @@
 """The AST network with Token Merging, its card, and the model store.
 
-The card and store (pydantic, safetensors) load on first use, so torch-only code such as fastast.bench
-imports fastast.model.ast without them.
+Every name loads on first use, so code that needs only the card (the service's API workers, which never import
+torch) or only the network (fastast.bench, which needs no pydantic) pays for nothing else.
 """
 
 import importlib
 
-from fastast.model.ast import AST, ASTConfig
-
-_LAZY = {"InputSpec": "card", "Label": "card", "ModelCard": "card", "FastASTModel": "store", "load_model": "store", "save_model": "store"}
+_LAZY = {
+    "AST": "ast",
+    "ASTConfig": "ast",
+    "InputSpec": "card",
+    "Label": "card",
+    "ModelCard": "card",
+    "FastASTModel": "store",
+    "load_model": "store",
+    "save_model": "store",
+}
 
 __all__ = ["AST", "ASTConfig", "FastASTModel", "InputSpec", "Label", "ModelCard", "load_model", "save_model"]
 

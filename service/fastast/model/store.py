@@ -123,19 +123,9 @@ class FastASTModel(nn.Module):
 
     def featurize(self, waveforms: Tensor | np.ndarray, sample_rate: int) -> Tensor:
         """Waveforms [batch, samples] (or [samples]) -> normalized features [batch, time, mel] on the model's device."""
-        from fastast import audio
+        from fastast.features import model_input
 
-        spec = self.card.input
-        features = audio.featurize(
-            waveforms,
-            sample_rate,
-            target_length=spec.target_length,
-            mean=spec.mean,
-            std=spec.std,
-            num_mel_bins=spec.num_mel_bins,
-            model_sample_rate=spec.sample_rate,
-        )
-        return features.to(self.device)
+        return model_input(waveforms, sample_rate, self.card.input).to(self.device)
 
     def forward(self, features: Tensor, r: int | Sequence[int] = 0) -> Tensor:
         if isinstance(self.net, AST):

@@ -1,21 +1,29 @@
-"""The FastAPI app: thin routes over fastast.serving.service.Service.
+"""The FastAPI app of an API worker: thin routes over fastast.serving.service.Service.
 
-`create_app(settings)` loads the model (errors surface before the server listens); the lifespan starts the
-batcher and the warm-up, and on shutdown finishes every accepted request before the threads stop.
+In `fastast serve` every worker process runs this app against the engine process the supervisor started
+(`create_app(settings, engine=EngineEndpoint(...))`). Given a backend instead, or neither, the app runs its own
+engine on a thread of this process, over the same sockets and messages: the in-process tests and tools use that.
+Either way the lifespan connects to the engine, and on shutdown answers every accepted request first.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
 import fastast
-from fastast.serving.backend import Backend, load_backend
+from fastast.model.card import ModelCard
 from fastast.serving.errors import ErrorResponse, error_response, install_error_handlers
 from fastast.serving.intake import FILE_FIELD
 from fastast.serving.schemas import ClassifyResponse, ModelsResponse, Status
+from fastast.serving.engine_client import EngineClient
+from fastast.serving.metrics import ServingMetrics
 from fastast.serving.service import DEFAULT_TOP_K, Service
 from fastast.serving.settings import ServeSettings
 
@@ -108,11 +116,11 @@ async def models(request: Request) -> ModelsResponse:
     return ModelsResponse(models=[service_of(request).model_info()])
 
 
-@router.get("/healthz", response_model=Status, summary="Liveness", responses={503: _error("warm-up failed")})
+@router.get("/healthz", response_model=Status, summary="Liveness", responses={503: _error("warm-up failed or the engine stopped")})
 async def healthz(request: Request) -> Response | Status:
-    service = service_of(request)
-    if service.warmup_error is not None:
-        return error_response(503, "warmup_failed", service.warmup_error)
+    failure = service_of(request).liveness()
+    if failure is not None:
+        return error_response(failure.status, failure.code, failure.detail)
     return Status(status="alive")
 
 
@@ -140,20 +148,24 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def create_app(settings: ServeSettings | None = None, backend: Backend | None = None) -> FastAPI:
-    """The app for one model. Without `backend`, loads settings.model with settings.backend on settings.device."""
-    settings = settings or ServeSettings()
-    if backend is None:
-        backend = load_backend(settings)
-    service = Service(settings, backend)
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """A running engine: where workers reach it, and the card of the model it loaded."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
+    address: str
+    card: ModelCard
+
+
+def create_app(settings: ServeSettings | None = None, backend=None, *, engine: EngineEndpoint | None = None) -> FastAPI:
+    """The app for one model: against a running `engine`, or with its own engine thread on `backend` (without one,
+    settings.model is loaded with settings.backend on settings.device)."""
+    settings = settings or ServeSettings()
+    metrics = ServingMetrics(settings.max_batch_size)
+    if engine is not None:
+        service = Service(settings, engine.card, EngineClient(engine.address), metrics)
+        lifespan = _serving(service)
+    else:
+        lifespan, service = _with_engine_thread(settings, backend, metrics)
 
     app = FastAPI(
         title="FastAST Serve",
@@ -166,3 +178,38 @@ def create_app(settings: ServeSettings | None = None, backend: Backend | None = 
     install_error_handlers(app)
     app.include_router(router)
     return app
+
+
+def _serving(service: Service):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    return lifespan
+
+
+def _with_engine_thread(settings: ServeSettings, backend, metrics: ServingMetrics):
+    """An engine for this app alone, on a thread, sharing the app's metrics; errors in its settings raise here."""
+    from fastast.serving.backend import load_backend
+    from fastast.serving.engine import Engine, EngineThread
+
+    engine = Engine(settings, backend or load_backend(settings), metrics)
+    folder = Path(tempfile.mkdtemp(prefix="fastast-"))
+    thread = EngineThread(engine, f"ipc://{folder}/engine")
+    service = Service(settings, engine.backend.card, EngineClient(thread.address), metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread.start()
+        try:
+            async with _serving(service)(app):
+                yield
+        finally:
+            thread.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return lifespan, service

@@ -1,8 +1,9 @@
-"""Inference backends: what the batcher calls to turn a batch of features into scores.
+"""Inference backends: what the engine calls to turn a batch of features into scores.
 
-The service knows only the `Backend` interface (features [B, T, F] at one r -> scores [B, classes]), so another
-runtime (ONNX Runtime, say) plugs in without touching the batcher or the routes. The audio front end is the
-same for every backend: it depends only on the model card's input spec.
+The engine knows only the `Backend` interface (normalized features [B, T, F] on `feature_device` at one r ->
+scores [B, classes]), so another runtime (ONNX Runtime, say) plugs in without touching the batcher or the routes.
+The audio front end is the same for every backend: the engine computes it on `feature_device` from the model
+card's input spec.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from fastast import audio
 from fastast.device import DTYPES, resolve_device
 from fastast.model.card import ModelCard
 from fastast.model.store import FastASTModel, load_model
@@ -23,7 +22,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class Backend(abc.ABC):
-    """One loaded model on one device. `run` is called from a single inference thread only."""
+    """One loaded model on one device. `run` is called from the engine's single inference thread only."""
 
     name: str  # the runtime, e.g. "torch"; the `backend` label of fastast_model_info
 
@@ -46,23 +45,19 @@ class Backend(abc.ABC):
     def check_r(self, r: int) -> None:
         """Raise InvalidRError for an r this backend cannot run (ONNX: one without a graph); any r by default."""
 
+    @property
+    def r_values(self) -> list[int] | None:
+        """The only r values this backend can run (ONNX: one graph each); None for any r up to max_r."""
+        return None
+
+    @property
+    def feature_device(self) -> torch.device:
+        """Where the engine computes the features it passes to `run`."""
+        return torch.device("cpu")
+
     @abc.abstractmethod
     def run(self, features: Tensor, r: int) -> Tensor:
-        """Normalized features [B, T, F] (CPU float32) -> scores [B, classes] (CPU float32)."""
-
-    def featurize(self, wave: np.ndarray) -> Tensor:
-        """Mono float32 samples at the model's rate -> features [T, F] on the CPU (thread-safe; runs in the decode pool)."""
-        spec = self.card.input
-        features = audio.featurize(
-            wave,
-            spec.sample_rate,
-            target_length=spec.target_length,
-            mean=spec.mean,
-            std=spec.std,
-            num_mel_bins=spec.num_mel_bins,
-            model_sample_rate=spec.sample_rate,
-        )
-        return features[0]
+        """Normalized features [B, T, F] float32 on feature_device -> scores [B, classes] (float, any device)."""
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -90,10 +85,13 @@ class TorchBackend(Backend):
     def max_r(self) -> int:
         return self.model.max_r
 
+    @property
+    def feature_device(self) -> torch.device:
+        return self.model.device
+
     def run(self, features: Tensor, r: int) -> Tensor:
         with torch.inference_mode():
-            logits = self.model(features.to(self.model.device, non_blocking=True), r)
-            return self.model.scores(logits).cpu()
+            return self.model.scores(self.model(features.to(self.model.device, non_blocking=True), r))
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:

@@ -1,14 +1,15 @@
-"""Dynamic batching by r: one queue per r, one scheduler task, one inference thread.
+"""Dynamic batching by r: one queue per r, one scheduler task, one inference thread. It runs in the engine.
 
 A batch holds requests of a single r (r changes the token count and so the model's cost and shapes), at most
 `max_batch_size` of them. A queue is ready when it is full or when its oldest request has waited `max_wait_s`;
 among ready queues the one whose head is oldest goes first, so no r starves. Batches run one at a time on a
 single inference thread: the model is on one device, and torch releases the GIL while it computes, so the event
-loop keeps accepting and decoding requests meanwhile.
+loop keeps taking requests (and refusing them when full) meanwhile.
 
-A request whose deadline passes while it is queued, or whose client goes away, leaves its queue and is never
-computed. Admission is bounded: `max_queue` counts requests admitted and not yet in a batch (still decoding or
-queued), across all r.
+A request whose deadline passes while it is queued, or that is cancelled, leaves its queue and is never computed;
+once its batch has started it runs to the end. Admission is bounded: at most `max_queue` requests wait, across
+all r. The batcher knows nothing of audio or models: `run_batch(r, items)` turns a batch's items into one output
+per item.
 """
 
 from __future__ import annotations
@@ -18,31 +19,29 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import torch
-from torch import Tensor
-
-from fastast.serving.backend import Backend
 from fastast.serving.metrics import ServingMetrics
 
 log = logging.getLogger("fastast.serving")
 T = TypeVar("T")
 
+RunBatch = Callable[[int, list[Any]], Sequence[Any]]
+
 
 class QueueFullError(Exception):
-    """max_queue requests are already admitted and waiting."""
+    """max_queue requests are already waiting."""
 
 
 class DeadlineExceededError(Exception):
     """The request's deadline passed before its batch started."""
 
 
-class ClientGoneError(Exception):
-    """The client disconnected while its request was queued."""
+class CancelledJobError(Exception):
+    """The request was cancelled (its client went away) while it was queued."""
 
 
 class BatchFailedError(Exception):
@@ -55,22 +54,9 @@ class JobState(enum.Enum):
     DONE = "done"
 
 
-class Ticket:
-    """One admitted request's place in the bounded queue; released once, when its batch starts or it gives up."""
-
-    def __init__(self, batcher: Batcher):
-        self._batcher = batcher
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._batcher._admitted -= 1
-
-
 @dataclass(frozen=True)
 class BatchResult:
-    scores: Tensor  # [classes], this request's row
+    output: Any  # run_batch's output for this request
     batch_size: int
     queue_s: float
     inference_s: float
@@ -78,32 +64,33 @@ class BatchResult:
 
 @dataclass(eq=False)
 class Job:
-    features: Tensor  # [T, F]
+    item: Any
     r: int
     deadline: float  # time.monotonic()
-    ticket: Ticket
     future: asyncio.Future[BatchResult]
     enqueued: float = field(default_factory=time.monotonic)
     state: JobState = JobState.QUEUED
+    expiry: asyncio.TimerHandle | None = None
 
 
 class Batcher:
     def __init__(
         self,
-        backend: Backend,
+        run_batch: RunBatch,
         metrics: ServingMetrics,
         *,
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
     ):
-        self.backend = backend
+        self.run_batch = run_batch
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.busy_s = 0.0  # wall time spent computing batches, in total
         self._queues: dict[int, deque[Job]] = {}
-        self._admitted = 0
+        self._queued = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -118,7 +105,7 @@ class Batcher:
 
     async def close(self) -> None:
         """Finish every queued request, then stop the scheduler and the inference thread."""
-        while self.queued and self._task is not None and not self._task.done():
+        while self._queued and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         await self._idle.wait()
         if self._task is not None:
@@ -133,57 +120,37 @@ class Batcher:
         """Run fn on the inference thread (warm-up uses it, so it never races a batch)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    # ---- admission and waiting ---------------------------------------------------------------------------------
+    # ---- admission ---------------------------------------------------------------------------------------------------
 
     @property
     def queued(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._queued
 
-    def admit(self) -> Ticket:
-        """A place in the bounded queue, or QueueFullError at once."""
-        if self._admitted >= self.max_queue:
-            raise QueueFullError(f"{self._admitted} requests are already waiting (max_queue {self.max_queue})")
-        self._admitted += 1
-        return Ticket(self)
-
-    def submit(self, ticket: Ticket, features: Tensor, r: int, deadline: float) -> Job:
-        job = Job(features, r, deadline, ticket, asyncio.get_running_loop().create_future())
-        if time.monotonic() >= deadline:
-            self._finish_unrun(job, DeadlineExceededError())
+    def submit(self, item: Any, r: int, deadline: float) -> Job:
+        """Queue one request; QueueFullError at once when max_queue requests already wait. Await job.future."""
+        if self._queued >= self.max_queue:
+            raise QueueFullError(f"{self._queued} requests are already waiting (max_queue {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        job = Job(item, r, deadline, loop.create_future())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self._settle(job, DeadlineExceededError())
             return job
-        queue = self._queues.setdefault(r, deque())
-        queue.append(job)
+        job.expiry = loop.call_later(remaining, self.cancel, job, DeadlineExceededError())
+        self._queues.setdefault(r, deque()).append(job)
+        self._queued += 1
         self._set_depth(r)
         self._wake.set()
         return job
-
-    async def wait(self, job: Job, disconnected: asyncio.Future | None = None) -> BatchResult:
-        """The job's result; DeadlineExceededError or ClientGoneError if it left its queue uncomputed.
-
-        Once its batch has started, a job runs to the end even past its deadline: the compute is spent anyway.
-        """
-        watched: set[asyncio.Future] = {job.future} | ({disconnected} if disconnected is not None else set())
-        try:
-            done, _ = await asyncio.wait(
-                watched, timeout=max(0.0, job.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-            )
-        except asyncio.CancelledError:
-            if self.cancel(job, ClientGoneError()):
-                job.future.exception()  # mark it retrieved: nobody is left to await it
-            raise
-        if not job.future.done():
-            gone = disconnected is not None and disconnected in done
-            self.cancel(job, ClientGoneError() if gone else DeadlineExceededError())
-        return await job.future
 
     def cancel(self, job: Job, reason: Exception) -> bool:
         """Take a still-queued job out of its queue, failing it with `reason`; False if its batch already started."""
         if job.state is not JobState.QUEUED:
             return False
-        queue = self._queues[job.r]
-        queue.remove(job)
+        self._queues[job.r].remove(job)
+        self._queued -= 1
         self._set_depth(job.r)
-        self._finish_unrun(job, reason)
+        self._settle(job, reason)
         return True
 
     # ---- scheduling ------------------------------------------------------------------------------------------------
@@ -199,13 +166,12 @@ class Batcher:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            batch = self._take(r, now)
-            if batch:
-                self._idle.clear()
-                try:
-                    await self._run(r, batch)
-                finally:
-                    self._idle.set()
+            batch = self._take(r)
+            self._idle.clear()
+            try:
+                await self._run(r, batch)
+            finally:
+                self._idle.set()
 
     def _ready_queue(self, now: float) -> int | None:
         """The r to batch next: among full or timed-out queues, the one whose head is oldest."""
@@ -220,17 +186,15 @@ class Batcher:
         heads = [queue[0].enqueued for queue in self._queues.values() if queue]
         return max(0.0, min(heads) + self.max_wait_s - now) if heads else None
 
-    def _take(self, r: int, now: float) -> list[Job]:
+    def _take(self, r: int) -> list[Job]:
+        """Up to max_batch_size jobs off the head of queue r (expired ones already left through their timers)."""
         queue = self._queues[r]
-        batch: list[Job] = []
-        while queue and len(batch) < self.max_batch_size:
-            job = queue.popleft()
-            if now >= job.deadline:
-                self._finish_unrun(job, DeadlineExceededError())
-                continue
+        batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]
+        for job in batch:
             job.state = JobState.RUNNING
-            job.ticket.release()
-            batch.append(job)
+            if job.expiry is not None:
+                job.expiry.cancel()
+        self._queued -= len(batch)
         self._set_depth(r)
         return batch
 
@@ -238,37 +202,34 @@ class Batcher:
         started = time.monotonic()
         for job in batch:
             self.metrics.queue_wait.labels(r=str(r)).observe(started - job.enqueued)
-        features = [job.features for job in batch]
         loop = asyncio.get_running_loop()
         try:
-            scores = await loop.run_in_executor(self._executor, self._infer, features, r)
+            outputs = await loop.run_in_executor(self._executor, self._compute, r, [job.item for job in batch])
         except Exception as exc:
             log.exception("batch of %d at r=%d failed", len(batch), r)
+            self.busy_s += time.monotonic() - started
             error = BatchFailedError(f"inference failed for this batch ({type(exc).__name__})")
             for job in batch:
                 self._settle(job, error)
             return
         elapsed = time.monotonic() - started
+        self.busy_s += elapsed
         self.metrics.record_batch(r, len(batch), elapsed)
-        for row, job in zip(scores, batch):
-            self._settle(job, BatchResult(row, len(batch), started - job.enqueued, elapsed))
+        for output, job in zip(outputs, batch):
+            self._settle(job, BatchResult(output, len(batch), started - job.enqueued, elapsed))
 
-    def _infer(self, features: list[Tensor], r: int) -> Tensor:
-        scores = self.backend.run(torch.stack(features), r)
-        if scores.shape[0] != len(features):
-            raise RuntimeError(f"backend returned {scores.shape[0]} rows for a batch of {len(features)}")
-        return scores
+    def _compute(self, r: int, items: list[Any]) -> Sequence[Any]:
+        outputs = self.run_batch(r, items)
+        if len(outputs) != len(items):
+            raise RuntimeError(f"run_batch returned {len(outputs)} outputs for a batch of {len(items)}")
+        return outputs
 
     # ---- helpers ------------------------------------------------------------------------------------------------------
-
-    def _finish_unrun(self, job: Job, reason: Exception) -> None:
-        job.ticket.release()
-        self._settle(job, reason)
 
     @staticmethod
     def _settle(job: Job, outcome: BatchResult | Exception) -> None:
         job.state = JobState.DONE
-        if job.future.done():  # its waiter was cancelled
+        if job.future.done():
             return
         if isinstance(outcome, Exception):
             job.future.set_exception(outcome)

@@ -1,14 +1,22 @@
 """Prometheus metrics of the service. Their names and labels are a public interface: dashboards and alert rules use them.
 
-All live on one CollectorRegistry per app (never the global one), so several apps in one process (tests)
-do not collide. Label values are bounded: `r` is an integer within the served range or "invalid", `status`
-is one of STATUSES; no user-supplied string ever becomes a label.
+The service runs as several processes (API workers and the engine) and /metrics, answered by any worker, covers
+them all: the supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh folder before it starts them, each process
+records into its own files there (prometheus_client's multiprocess mode), and the exposition sums them. Without
+that variable (one process, as in the in-process tests) each app has its own CollectorRegistry, so several apps
+in one process do not collide. Workers record the request series and the decode stage; the engine records
+batches, queues, the fbank and model stages and its busy ratio.
+
+Label values are bounded: `r` is an integer within the served range or "invalid", `status` is one of STATUSES,
+`stage` one of STAGES; no user-supplied string ever becomes a label.
 
 Derived quantities: samples/s per r = rate(fastast_samples_total), mean batch size per r =
 rate(fastast_batch_size_sum) / rate(fastast_batch_size_count), latency percentiles via histogram_quantile.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +28,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # The *_created series double the exposition and no dashboard uses them (a process-wide switch of prometheus_client).
 disable_created_metrics()
@@ -29,8 +38,14 @@ disable_created_metrics()
 # cancelled: the client went away while its request was queued (never computed).
 STATUSES = ("ok", "bad_request", "rejected", "timeout", "error", "cancelled")
 INVALID_R = "invalid"
+# decode: upload bytes -> mono PCM at the model's rate (API workers); fbank: PCM -> normalized features and
+# model: features -> scores, both per batch in the engine.
+STAGES = ("decode", "fbank", "model")
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
+BUSY_WINDOW_S = 10.0
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+STAGE_BUCKETS = (0.0001, 0.0002, 0.0005, *LATENCY_BUCKETS)  # decoding a short clip takes well under 1 ms
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -39,10 +54,16 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(sorted(buckets | {max_batch_size}))
 
 
+def multiprocess() -> bool:
+    """Whether this process records into the shared multiprocess folder (set before prometheus_client loads)."""
+    return bool(os.environ.get(MULTIPROC_DIR))
+
+
 class ServingMetrics:
     def __init__(self, max_batch_size: int):
         self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
+        if not multiprocess():  # process metrics cannot be summed across processes
+            ProcessCollector(registry=self.registry)
         registry = self.registry
         self.requests = Counter(
             "fastast_requests", "Classify requests by r and outcome", ["r", "status"], registry=registry
@@ -76,12 +97,28 @@ class ServingMetrics:
             buckets=batch_size_buckets(max_batch_size),
             registry=registry,
         )
-        self.queue_depth = Gauge("fastast_queue_depth", "Requests waiting in the queue of each r", ["r"], registry=registry)
+        self.stage_duration = Histogram(
+            "fastast_stage_duration_seconds",
+            "Time per pipeline stage: decode per request (workers); fbank and model per batch (engine)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "fastast_queue_depth", "Requests waiting in the queue of each r", ["r"], registry=registry, multiprocess_mode="livesum"
+        )
+        self.engine_busy = Gauge(
+            "fastast_engine_busy_ratio",
+            f"Share of the last {BUSY_WINDOW_S:g} s the engine spent computing batches",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.model_info = Gauge(
             "fastast_model_info",
             "The served model (value 1)",
             ["model", "arch", "device", "dtype", "backend"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
 
     def set_model(self, *, model: str, arch: str, device: str, dtype: str, backend: str) -> None:
@@ -97,6 +134,13 @@ class ServingMetrics:
         self.batch_size.labels(r=label).observe(size)
         self.inference_duration.labels(r=label).observe(seconds)
 
+    def record_stage(self, stage: str, seconds: float) -> None:
+        self.stage_duration.labels(stage=stage).observe(seconds)
+
     def exposition(self) -> tuple[bytes, str]:
-        """The text format and its content type."""
+        """The text format and its content type: every process of the service in multiprocess mode."""
+        if multiprocess():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

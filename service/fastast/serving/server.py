@@ -1,21 +1,25 @@
-"""Running the app under uvicorn, with a SIGTERM that drains before it stops.
+"""An API worker process: the app under uvicorn on the supervisor's listening socket, with a draining SIGTERM.
 
-One process, one uvicorn worker, one model copy: dynamic batching needs every request in one queue per r.
-With N workers each would hold its own model copy (N x the device memory) and its own queues, splitting the
-traffic N ways, so batches shrink and latency grows. Scale out with more replicas (containers) instead;
-decoding already runs on a thread pool inside this process.
+uvicorn runs on uvloop with the httptools parser (both installed with the package), through a protocol with two
+guards uvicorn lacks: a connection must deliver a request's headers within --header-timeout-s (a client that
+trickles them is closed), and a request the parser rejects (a malformed request line, a bad Content-Length, an
+oversized header) is answered with the service's JSON error body instead of plain text.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from fastast.serving.app import create_app
+from fastast.serving.app import EngineEndpoint, create_app
 from fastast.serving.service import Service
 from fastast.serving.settings import ServeSettings
 
@@ -23,11 +27,63 @@ log = logging.getLogger("fastast.serving")
 
 STARTUP_FAILURE = 3  # uvicorn's own exit code when the app cannot start
 CONNECTION_GRACE_S = 10.0  # after draining: how long uvicorn waits for open connections to finish
+STALLED_BATCH_S = 30.0  # a request whose batch started is answered past its deadline; beyond this, give up
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a header timeout and JSON bodies for the parser's 400s."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": "bad_request", "detail": f"malformed HTTP request: {msg}"}).encode()
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_overdue)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            log.info("closed a connection that sent no complete headers within %.0f s", self.header_timeout_s)
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float) -> type[GuardedProtocol]:
+    return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": header_timeout_s})
 
 
 class DrainingServer(uvicorn.Server):
-    """SIGTERM: /readyz turns 503 and new work is refused while the server still listens (so load balancers see
-    it), every accepted request finishes, then uvicorn's graceful shutdown runs. A second SIGTERM or a SIGINT
+    """SIGTERM: /readyz turns 503 and new requests get 503 draining while the server still listens (so load
+    balancers see it), every accepted request finishes, then uvicorn's graceful shutdown runs. Any other signal
     stops at once (uvicorn's own handling)."""
 
     def __init__(self, config: uvicorn.Config, service: Service, drain_limit_s: float):
@@ -37,11 +93,19 @@ class DrainingServer(uvicorn.Server):
         self._drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.started and self._drain_started is None:
+        if sig == signal.SIGTERM and self._drain_started is None:
             self._drain_started = time.monotonic()
-            self.service.begin_drain()
+            if self.started:
+                self.service.begin_drain()
+            else:  # still starting: nothing accepted yet, so nothing to drain
+                self.should_exit = True
             return
         super().handle_exit(sig, frame)
+
+    @property
+    def exit_code(self) -> int:
+        """0 after serving or a SIGTERM; STARTUP_FAILURE when the app could not start."""
+        return 0 if self.started or self._drain_started is not None else STARTUP_FAILURE
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_started is not None and not self.should_exit:
@@ -53,20 +117,23 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(settings: ServeSettings) -> int:
-    """Load the model, listen, and block until shut down; the process exit code."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+def worker_main(settings: ServeSettings, listener: socket.socket, engine: EngineEndpoint, index: int) -> None:
+    """An API worker process: serve HTTP on `listener` against the engine until drained; exits 0, or 3 if the app
+    could not start (the engine never answered)."""
+    from fastast.serving.supervisor import child_setup
+
+    child_setup(f"worker-{index}", settings.log_level)
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,
         lifespan="on",
+        loop="uvloop",
+        http=guarded_protocol(settings.header_timeout_s),
         log_level=settings.log_level,
+        access_log=settings.log_level == "debug",  # the metrics count every request; a log line each costs CPU
         timeout_graceful_shutdown=CONNECTION_GRACE_S,
     )
-    # Accepted requests end within their deadline plus one batch; the limit only guards against a wedged device.
-    server = DrainingServer(config, app.state.service, drain_limit_s=settings.timeout_s + 30.0)
-    server.run()
-    return 0 if server.started else STARTUP_FAILURE
+    # Accepted requests end within their deadline plus one batch; the limit only guards against a wedged engine.
+    server = DrainingServer(config, app.state.service, drain_limit_s=settings.timeout_s + settings.drain_timeout_s + STALLED_BATCH_S)
+    server.run(sockets=[listener])
+    raise SystemExit(server.exit_code)

@@ -1,35 +1,29 @@
-"""The classify pipeline and the service's life cycle, independent of HTTP routing.
+"""One API worker's classify pipeline and life cycle, independent of HTTP routing. The model lives in the engine.
 
-upload (size-limited) -> decode + features in a thread pool -> the batcher's queue for r -> scores -> top-k.
-Every classify request is counted exactly once in fastast_requests_total and fastast_request_duration_seconds,
-whatever its outcome.
+upload (bounded in count, size and time) -> decode to mono PCM at the model's rate in a thread pool -> the engine
+(queue for r, batch, features, model, top-k) -> JSON. A request takes a place in the engine's bounded queue only
+once its body is in and decoded, so slow uploaders cannot fill the queue; uploads have their own bound per worker
+(--max-uploads) and their own time limit (--body-timeout-s). Every classify request is counted exactly once in
+fastast_requests_total and fastast_request_duration_seconds, whatever its outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
-import torch
-from torch import Tensor
 
-from fastast.audio import load_audio
-from fastast.errors import AudioTooLongError, FastASTError, InvalidAudioError, InvalidRError
-from fastast.serving.backend import Backend
-from fastast.serving.batcher import (
-    BatchFailedError,
-    BatchResult,
-    Batcher,
-    ClientGoneError,
-    DeadlineExceededError,
-    QueueFullError,
-)
+from fastast.audio import load_audio, window_samples
+from fastast.errors import AudioTooLongError, InvalidAudioError
+from fastast.model.card import ModelCard
+from fastast.serving import protocol
+from fastast.serving.engine_client import ClientGoneError, EngineClient, EngineUnavailableError
 from fastast.serving.errors import ServiceError
 from fastast.serving.intake import read_upload
 from fastast.serving.metrics import INVALID_R, ServingMetrics
@@ -49,13 +43,8 @@ log = logging.getLogger("fastast.serving")
 DEFAULT_TOP_K = 5
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER = {"Retry-After": "1"}
+DRAINING = ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
 _INTEGER = re.compile(r"^[+-]?\d+$")
-
-
-def warmup_batch_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... up to max_batch_size, which is included even when it is no power of two."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
-    return [*sizes, max_batch_size]
 
 
 def outcome(status: int) -> str:
@@ -72,98 +61,75 @@ def outcome(status: int) -> str:
 
 
 class Service:
-    def __init__(self, settings: ServeSettings, backend: Backend):
+    def __init__(self, settings: ServeSettings, card: ModelCard, engine: EngineClient, metrics: ServingMetrics):
         self.settings = settings
-        self.backend = backend
-        self.max_r = backend.max_r if settings.max_r is None else settings.max_r
-        if self.max_r > backend.max_r:
-            raise FastASTError(f"--max-r {self.max_r} exceeds the model's limit of {backend.max_r} (half its patch tokens)")
-        if settings.default_r > self.max_r:
-            raise FastASTError(f"--default-r {settings.default_r} exceeds --max-r {self.max_r}")
-        backend.check_r(settings.default_r)
-        card = backend.card
+        self.card = card
+        self.engine = engine
+        self.metrics = metrics
         self.default_top_k = min(DEFAULT_TOP_K, card.num_classes)
-        self.metrics = ServingMetrics(settings.max_batch_size)
-        self.metrics.set_model(
-            model=card.name, arch=arch_label(card.arch), device=backend.device, dtype=backend.dtype, backend=backend.name
-        )
-        self.ready = False
+        self.window = window_samples(card.input.target_length, card.input.sample_rate)
         self.draining = False
-        self.warmup_error: str | None = None
         self.inflight = 0
-        self.batcher: Batcher | None = None
+        self.uploading = 0
+        self._upload_limits: set[asyncio.Timeout] = set()
         self._decode_pool: ThreadPoolExecutor | None = None
-        self._warmup: asyncio.Task | None = None
+
+    @property
+    def info(self) -> protocol.EngineInfo:
+        assert self.engine.info is not None, "Service.start() connects to the engine first"
+        return self.engine.info
 
     # ---- life cycle ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the batcher and warm the model up in the background (/readyz answers 503 until it is done)."""
-        settings = self.settings
-        threads = settings.decode_threads or min(8, usable_cpus())
-        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastast-decode")
-        self.batcher = Batcher(
-            self.backend,
-            self.metrics,
-            max_batch_size=settings.max_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.max_queue,
-        )
-        self.batcher.start()
-        self._warmup = asyncio.get_running_loop().create_task(self._warm_up(), name="fastast-warmup")
+        """Connect to the engine (which warms up on its own: /readyz answers 503 until it is done)."""
+        await self.engine.connect()
+        self._decode_pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="fastast-decode")
 
     async def stop(self) -> None:
-        """Finish every accepted request, then release the threads."""
-        self.draining = True
-        if self._warmup is not None and not self._warmup.done():
-            self._warmup.cancel()
+        """Answer every accepted request, then release the engine connection and the threads."""
+        self.begin_drain()
         while self.inflight:
             await asyncio.sleep(0.01)
-        if self.batcher is not None:
-            await self.batcher.close()
+        await self.engine.close()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=True)
 
     def begin_drain(self) -> None:
-        """Stop admitting work (/readyz and new classify requests answer 503); accepted requests still finish."""
-        if not self.draining:
-            log.info("draining: %d request(s) in flight", self.inflight)
+        """Refuse new work (503 draining, Connection: close); uploads still in progress get --drain-timeout-s more
+        at most, then 503; requests already in the engine are answered."""
+        if self.draining:
+            return
+        log.info("draining: %d request(s) in flight, %d still uploading", self.inflight, self.uploading)
         self.draining = True
+        cutoff = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        for limit in self._upload_limits:
+            if limit.when() is None or limit.when() > cutoff:
+                limit.reschedule(cutoff)
 
     @property
     def idle(self) -> bool:
         return self.inflight == 0
 
-    async def _warm_up(self) -> None:
-        assert self.batcher is not None
-        time_steps, mel = self.backend.input_shape
-        started = time.monotonic()
-        try:
-            for size in warmup_batch_sizes(self.settings.max_batch_size):
-                features = torch.zeros(size, time_steps, mel)
-                await self.batcher.call(lambda f=features: self.backend.run(f, self.settings.default_r))
-        except Exception as exc:
-            log.exception("warm-up failed")
-            self.warmup_error = f"warm-up failed: {type(exc).__name__}: {exc}"
-            return
-        self.ready = True
-        log.info(
-            "ready: %s on %s (%s), warmed up for batch sizes up to %d in %.1f s",
-            self.backend.card.name,
-            self.backend.device,
-            self.backend.dtype,
-            self.settings.max_batch_size,
-            time.monotonic() - started,
-        )
-
     def readiness(self) -> ServiceError | None:
         """None when ready to take work, else the 503 to answer."""
-        if self.warmup_error is not None:
-            return ServiceError(503, "warmup_failed", self.warmup_error)
+        state = self.engine.state
+        if not self.engine.alive:
+            return ServiceError(503, "engine_unavailable", "the inference engine is not running", RETRY_AFTER)
+        if state.warmup_error is not None:
+            return ServiceError(503, "warmup_failed", state.warmup_error)
         if self.draining:
-            return ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
-        if not self.ready:
+            return DRAINING
+        if not state.ready:
             return ServiceError(503, "not_ready", "the model is warming up", RETRY_AFTER)
+        return None
+
+    def liveness(self) -> ServiceError | None:
+        """None while this worker can still become ready; a failed warm-up or a dead engine cannot."""
+        if not self.engine.alive:
+            return ServiceError(503, "engine_unavailable", "the inference engine is not running")
+        if self.engine.state.warmup_error is not None:
+            return ServiceError(503, "warmup_failed", self.engine.state.warmup_error)
         return None
 
     # ---- classify ----------------------------------------------------------------------------------------------
@@ -175,22 +141,18 @@ class Service:
             r = self._parse_r(request)
             r_label = str(r)
             top_k = self._parse_top_k(request)
-            result = await self._run(request, r, self._deadline(request, started))
+            result = await self._run(request, r, top_k, self._deadline(request, started))
             status = 200
         except ServiceError as exc:
             status = exc.status
             raise
         finally:
             self.metrics.record_request(r_label, outcome(status), time.monotonic() - started)
-        top = result.scores.topk(top_k)
-        labels = self.backend.card.labels
+        labels = self.card.labels
         return ClassifyResponse(
-            model=self.backend.card.name,
+            model=self.card.name,
             r=r,
-            labels=[
-                LabelScore(label=labels[i].display_name, index=i, score=s)
-                for s, i in zip(top.values.tolist(), top.indices.tolist())
-            ],
+            labels=[LabelScore(label=labels[i].display_name, index=i, score=s) for i, s in result.labels],
             batch_size=result.batch_size,
             timing_ms=Timing(
                 queue=1000 * result.queue_s,
@@ -202,16 +164,16 @@ class Service:
     def _parse_r(self, request: Request) -> int:
         r = _integer(request.query_params.get("r"), "r")
         r = self.settings.default_r if r is None else r
-        try:
-            self.backend.check_r(r)
-        except InvalidRError as exc:
-            raise ServiceError(422, "invalid_parameter", str(exc)) from None
-        if not 0 <= r <= self.max_r:
-            raise ServiceError(422, "invalid_parameter", f"r must be between 0 and {self.max_r}, got {r}")
+        info = self.info
+        if info.r_values is not None and r not in info.r_values:
+            served = ", ".join(map(str, info.r_values))
+            raise ServiceError(422, "invalid_parameter", f"r={r} has no exported ONNX graph; exported r values: {served}")
+        if not 0 <= r <= info.max_r:
+            raise ServiceError(422, "invalid_parameter", f"r must be between 0 and {info.max_r}, got {r}")
         return r
 
     def _parse_top_k(self, request: Request) -> int:
-        num_classes = self.backend.card.num_classes
+        num_classes = self.card.num_classes
         top_k = _integer(request.query_params.get("top_k"), "top_k")
         top_k = self.default_top_k if top_k is None else top_k
         if not 1 <= top_k <= num_classes:
@@ -234,37 +196,52 @@ class Service:
             timeout = min(timeout, asked)
         return started + timeout
 
-    async def _run(self, request: Request, r: int, deadline: float) -> BatchResult:
+    async def _run(self, request: Request, r: int, top_k: int, deadline: float) -> protocol.Result:
         refusal = self.readiness()
         if refusal is not None:
             raise refusal
-        assert self.batcher is not None
-        try:
-            ticket = self.batcher.admit()
-        except QueueFullError as exc:
-            raise ServiceError(429, "queue_full", f"server overloaded: {exc}; retry later", RETRY_AFTER) from None
         self.inflight += 1
         try:
-            features = await asyncio.wait_for(self._features(request), timeout=max(0.0, deadline - time.monotonic()))
-            job = self.batcher.submit(ticket, features, r, deadline)
+            pcm = await self._audio(request, deadline)
             disconnected = asyncio.ensure_future(_disconnected(request))
             try:
-                return await self.batcher.wait(job, disconnected)
+                result = await self.engine.classify(pcm, r, top_k, deadline, disconnected)
             finally:
                 disconnected.cancel()
-        except (asyncio.TimeoutError, DeadlineExceededError):
-            raise ServiceError(504, "timeout", "the request's deadline passed before it could run") from None
         except (ClientDisconnect, ClientGoneError):
             raise ServiceError(499, "client_closed_request", "the client disconnected") from None
-        except BatchFailedError as exc:
-            raise ServiceError(500, "inference_failed", str(exc)) from None
+        except EngineUnavailableError as exc:
+            raise ServiceError(503, "engine_unavailable", str(exc), RETRY_AFTER) from None
         finally:
-            ticket.release()
             self.inflight -= 1
+        if result.status != 200:
+            retry = RETRY_AFTER if result.status in (429, 503) else None
+            raise ServiceError(result.status, result.code, result.detail, retry)
+        return result
 
-    async def _features(self, request: Request) -> Tensor:
-        data = await read_upload(request, self.settings.max_upload_bytes)
+    async def _audio(self, request: Request, deadline: float) -> np.ndarray:
+        """The upload, within its limits, decoded to mono PCM at the model's rate (at most one window of it)."""
+        if self.uploading >= self.settings.max_uploads:
+            raise ServiceError(
+                429, "too_many_uploads", f"{self.uploading} uploads are already in progress on this worker; retry later", RETRY_AFTER
+            )
+        self.uploading += 1
         loop = asyncio.get_running_loop()
+        body_due = time.monotonic() + self.settings.body_timeout_s
+        limit = asyncio.timeout_at(loop.time() + min(body_due, deadline) - time.monotonic())
+        self._upload_limits.add(limit)
+        try:
+            async with limit:
+                data = await read_upload(request, self.settings.max_upload_bytes)
+        except TimeoutError:
+            if self.draining:
+                raise DRAINING from None
+            if body_due <= deadline:
+                raise ServiceError(408, "body_timeout", f"the upload did not complete within {self.settings.body_timeout_s:g} s") from None
+            raise ServiceError(504, "timeout", "the request's deadline passed before it could run") from None
+        finally:
+            self.uploading -= 1
+            self._upload_limits.discard(limit)
         try:
             return await loop.run_in_executor(self._decode_pool, self._decode, data)
         except AudioTooLongError as exc:
@@ -272,14 +249,16 @@ class Service:
         except InvalidAudioError as exc:
             raise ServiceError(400, "invalid_audio", str(exc)) from None
 
-    def _decode(self, data: bytes) -> Tensor:
-        wave = load_audio(data, self.backend.card.input.sample_rate, max_seconds=self.settings.max_audio_s)
-        return self.backend.featurize(wave)
+    def _decode(self, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
+        wave = load_audio(data, self.card.input.sample_rate, max_seconds=self.settings.max_audio_s)
+        self.metrics.record_stage("decode", time.perf_counter() - started)
+        return np.ascontiguousarray(wave[: self.window])
 
     # ---- description ----------------------------------------------------------------------------------------------
 
     def model_info(self) -> ModelInfo:
-        card, settings = self.backend.card, self.settings
+        card, settings, info = self.card, self.settings, self.info
         return ModelInfo(
             name=card.name,
             task=card.task,
@@ -287,8 +266,8 @@ class Service:
             input=card.input,
             labels=card.labels,
             r_table=card.r_table,
-            r=RRange(min=0, max=self.max_r, default=settings.default_r),
-            backend=BackendInfo(name=self.backend.name, device=self.backend.device, dtype=self.backend.dtype),
+            r=RRange(min=0, max=info.max_r, default=settings.default_r),
+            backend=BackendInfo(name=info.backend, device=info.device, dtype=info.dtype),
             limits=Limits(
                 max_batch_size=settings.max_batch_size,
                 max_wait_ms=settings.max_wait_ms,
@@ -299,17 +278,6 @@ class Service:
             ),
             weights_sha256=card.weights_sha256,
         )
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's cpuset, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def arch_label(arch: dict) -> str:
-    """A short architecture name for the model_info metric, e.g. 'ast-768x12'."""
-    kind = str(arch.get("type", "unknown"))
-    return f"{kind}-{arch['dim']}x{arch['depth']}" if "dim" in arch and "depth" in arch else kind
 
 
 def _integer(raw: str | None, name: str) -> int | None:

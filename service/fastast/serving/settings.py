@@ -6,6 +6,7 @@ values given as flags override the environment.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -34,11 +35,37 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="weights and activations: auto = fp32 on CPU, bf16 (or fp16) on CUDA"
     )
-    decode_threads: int | None = Field(
-        None, ge=1, description="threads that decode audio and compute features (default: CPU count, at most 8)"
+    workers: int | None = Field(
+        None, ge=1, le=64, description="API worker processes sharing the port (default: usable CPUs, at most 8)"
+    )
+    engine_threads: int | None = Field(
+        None, ge=1, le=256, description="torch CPU threads in the engine (default: usable CPUs minus workers, at least 1)"
+    )
+    decode_threads: int = Field(2, ge=1, le=64, description="threads per API worker that decode audio")
+    max_uploads: int = Field(
+        64, ge=1, description="requests per API worker still uploading or decoding; beyond: 429 (a queue place is taken only after)"
+    )
+    body_timeout_s: float = Field(20.0, gt=0, description="time a request has to deliver its whole body; beyond: 408")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a connection has to deliver a request's headers; beyond: closed")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="on SIGTERM: how long uploads still in progress may finish (then 503); queued requests are always answered"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or min(8, usable_cpus())
+
+    @property
+    def engine_thread_count(self) -> int:
+        """More torch threads than free cores make every small op wait on descheduled threads: 100x slower, seen."""
+        return self.engine_threads or max(1, usable_cpus() - self.worker_count)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -202,7 +202,7 @@ class AudioDataset(Dataset):
         return load_audio(self.examples[i].path, self.features.sample_rate)
 
     def __getitem__(self, i: int) -> Sample:
-        from fastast.audio import kaldi_fbank, pad_or_trim
+        from fastast.features import kaldi_fbank, pad_or_trim
 
         rng = np.random.default_rng((self.seed, self.epoch, i))
         try:

@@ -1,0 +1,336 @@
+"""The engine: the one place that holds the model. API workers send it PCM; it answers with top-k scores.
+
+It owns everything after decoding: the per-r queues and their scheduling (fastast.serving.batcher), the batched
+Kaldi fbank on the model's device, normalisation, the model at the batch's r, scores and top-k. One engine runs
+per model and device, in its own process (`engine_main`, started by the supervisor) or, for tests and tools, on
+a thread of the current process (`EngineThread`); either way workers reach it through the same ZeroMQ messages
+(fastast.serving.protocol).
+
+A batch's PCM is copied once, into a staging buffer (pinned on CUDA, so the copy to the device is asynchronous),
+zero-padded to the longest clip; the fbank then runs for the whole batch on the device, with each clip's length,
+so every clip gets the features it would get alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+import zmq
+import zmq.asyncio
+
+from fastast.audio import frame_length, window_samples
+from fastast.errors import FastASTError
+from fastast.features import model_input
+from fastast.serving import protocol
+from fastast.serving.backend import Backend, load_backend
+from fastast.serving.batcher import (
+    BatchFailedError,
+    BatchResult,
+    Batcher,
+    CancelledJobError,
+    DeadlineExceededError,
+    Job,
+    QueueFullError,
+)
+from fastast.serving.metrics import BUSY_WINDOW_S, ServingMetrics
+from fastast.serving.settings import ServeSettings
+
+log = logging.getLogger("fastast.engine")
+
+
+@dataclass(frozen=True)
+class Clip:
+    pcm: np.ndarray  # float32 at the model's rate, at most one window long
+    top_k: int
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch_size, which is included even when it is no power of two."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return [*sizes, max_batch_size]
+
+
+def served_max_r(settings: ServeSettings, backend: Backend) -> int:
+    """The largest r requests may ask for; refuses settings the model cannot honour (a one-line startup error)."""
+    max_r = backend.max_r if settings.max_r is None else settings.max_r
+    if max_r > backend.max_r:
+        raise FastASTError(f"--max-r {max_r} exceeds the model's limit of {backend.max_r} (half its patch tokens)")
+    if settings.default_r > max_r:
+        raise FastASTError(f"--default-r {settings.default_r} exceeds --max-r {max_r}")
+    backend.check_r(settings.default_r)
+    return max_r
+
+
+class Engine:
+    def __init__(self, settings: ServeSettings, backend: Backend, metrics: ServingMetrics):
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.max_r = served_max_r(settings, backend)
+        spec = backend.card.input
+        self.window = window_samples(spec.target_length, spec.sample_rate)
+        self.min_samples = frame_length(spec.sample_rate)
+        self.state = protocol.EngineState()
+        self.batcher: Batcher | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._workers: set[bytes] = set()
+        self._jobs: dict[tuple[bytes, int], Job] = {}
+        self._staging = self._staging_buffer()
+        card = backend.card
+        metrics.set_model(model=card.name, arch=arch_label(card.arch), device=backend.device, dtype=backend.dtype, backend=backend.name)
+
+    def info(self) -> protocol.EngineInfo:
+        backend = self.backend
+        return protocol.EngineInfo(backend.name, backend.device, backend.dtype, self.max_r, backend.r_values, os.getpid())
+
+    # ---- life cycle ----------------------------------------------------------------------------------------------
+
+    async def serve(self, address: str, stop: asyncio.Event) -> None:
+        """Answer workers on `address` until `stop` is set, then finish every queued request and return."""
+        settings = self.settings
+        context = zmq.asyncio.Context()
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(address)
+        self.batcher = Batcher(
+            self._run_batch,
+            self.metrics,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+        )
+        self.batcher.start()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(coroutine) for coroutine in (self._receive(), self._warm_up(), self._track_busy())]
+        try:
+            await stop.wait()
+            await self.batcher.close()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._socket.close()
+            context.term()
+
+    async def _warm_up(self) -> None:
+        assert self.batcher is not None
+        started = time.monotonic()
+        try:
+            for size in warmup_batch_sizes(self.settings.max_batch_size):
+                clips = [Clip(np.zeros(self.window, dtype=np.float32), 1)] * size
+                await self.batcher.call(lambda c=clips: self._run_batch(self.settings.default_r, c))
+        except Exception as exc:
+            log.exception("warm-up failed")
+            self._set_state(protocol.EngineState(warmup_error=f"warm-up failed: {type(exc).__name__}: {exc}"))
+            return
+        log.info(
+            "ready: %s on %s (%s), warmed up for batch sizes up to %d in %.1f s",
+            self.backend.card.name,
+            self.backend.device,
+            self.backend.dtype,
+            self.settings.max_batch_size,
+            time.monotonic() - started,
+        )
+        self._set_state(protocol.EngineState(ready=True))
+
+    async def _track_busy(self) -> None:
+        """fastast_engine_busy_ratio: the share of the last BUSY_WINDOW_S seconds spent computing batches."""
+        assert self.batcher is not None
+        samples: deque[tuple[float, float]] = deque()
+        while True:
+            now, busy = time.monotonic(), self.batcher.busy_s
+            samples.append((now, busy))
+            while now - samples[0][0] > BUSY_WINDOW_S:
+                samples.popleft()
+            then, busy_then = samples[0]
+            self.metrics.engine_busy.set((busy - busy_then) / (now - then) if now > then else 0.0)
+            await asyncio.sleep(1.0)
+
+    # ---- messages ------------------------------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            try:
+                self._handle(frames[0].bytes, frames[1].bytes, frames[2:])
+            except Exception:  # a malformed message must not stop the engine
+                log.exception("dropped a malformed message")
+
+    def _handle(self, worker: bytes, kind: bytes, body: list[zmq.Frame]) -> None:
+        if kind == protocol.CLASSIFY:
+            self._classify(worker, protocol.ClassifyHeader(**protocol.decode(body[0].buffer)), body[1])
+        elif kind == protocol.CANCEL:
+            job = self._jobs.get((worker, protocol.decode(body[0].buffer)["id"]))
+            if job is not None and self.batcher is not None:
+                self.batcher.cancel(job, CancelledJobError())
+        elif kind == protocol.HELLO:
+            self._workers.add(worker)
+            self._send(worker, protocol.HELLO, protocol.encode(self.info()), protocol.encode(self.state))
+        else:
+            raise ValueError(f"unknown message kind {kind!r}")
+
+    def _classify(self, worker: bytes, header: protocol.ClassifyHeader, pcm_frame: zmq.Frame) -> None:
+        assert self.batcher is not None
+        refusal = self._refusal(header.id)
+        if refusal is not None:
+            self._reply(worker, refusal)
+            return
+        pcm = np.frombuffer(pcm_frame.buffer, dtype=np.float32)  # a view of the received frame: no copy
+        if not self.min_samples <= len(pcm) <= self.window:
+            detail = f"PCM of {len(pcm)} samples; the engine takes {self.min_samples} to {self.window}"
+            self._reply(worker, protocol.Result(header.id, 400, code="invalid_audio", detail=detail))
+            return
+        try:
+            job = self.batcher.submit(Clip(pcm, header.top_k), header.r, header.deadline)
+        except QueueFullError as exc:
+            detail = f"server overloaded: {exc}; retry later"
+            self._reply(worker, protocol.Result(header.id, 429, code="queue_full", detail=detail))
+            return
+        key = (worker, header.id)
+        self._jobs[key] = job
+        job.future.add_done_callback(lambda future: self._answer(key, future))
+
+    def _refusal(self, request_id: int) -> protocol.Result | None:
+        """The 503 for a request that arrives before the model is warm, or after its warm-up failed."""
+        if self.state.warmup_error is not None:
+            return protocol.Result(request_id, 503, code="warmup_failed", detail=self.state.warmup_error)
+        if not self.state.ready:
+            return protocol.Result(request_id, 503, code="not_ready", detail="the model is warming up")
+        return None
+
+    def _answer(self, key: tuple[bytes, int], future: asyncio.Future[BatchResult]) -> None:
+        del self._jobs[key]
+        worker, request_id = key
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            answer = protocol.Result(request_id, 200, result.output, result.batch_size, result.queue_s, result.inference_s)
+        elif isinstance(error, DeadlineExceededError):
+            answer = protocol.Result(request_id, 504, code="timeout", detail="the request's deadline passed before it could run")
+        elif isinstance(error, CancelledJobError):
+            answer = protocol.Result(request_id, 499, code="client_closed_request", detail="the client disconnected")
+        elif isinstance(error, BatchFailedError):
+            answer = protocol.Result(request_id, 500, code="inference_failed", detail=str(error))
+        else:
+            answer = protocol.Result(request_id, 500, code="internal_error", detail=type(error).__name__)
+        self._reply(worker, answer)
+
+    def _reply(self, worker: bytes, result: protocol.Result) -> None:
+        self._send(worker, protocol.RESULT, protocol.encode(result))
+
+    def _set_state(self, state: protocol.EngineState) -> None:
+        self.state = state
+        for worker in self._workers:
+            self._send(worker, protocol.STATE, protocol.encode(state))
+
+    def _send(self, worker: bytes, *frames: bytes) -> None:
+        assert self._socket is not None
+        self._socket.send_multipart([worker, *frames])
+
+    # ---- compute (the inference thread) -----------------------------------------------------------------------
+
+    def _run_batch(self, r: int, clips: list[Clip]) -> list[list[tuple[int, float]]]:
+        """PCM -> features on the device -> scores -> each clip's top-k (index, score) pairs."""
+        started = time.perf_counter()
+        features = self._features([clip.pcm for clip in clips])
+        self._synchronize()
+        featured = time.perf_counter()
+        scores = self.backend.run(features, r).float()
+        top = scores.topk(max(clip.top_k for clip in clips), dim=-1)
+        values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        self.metrics.record_stage("fbank", featured - started)
+        self.metrics.record_stage("model", time.perf_counter() - featured)
+        return [list(zip(index[: clip.top_k], value[: clip.top_k])) for clip, index, value in zip(clips, indices, values)]
+
+    def _features(self, pcms: list[np.ndarray]) -> torch.Tensor:
+        lengths = [len(pcm) for pcm in pcms]
+        width = max(lengths)
+        staged = self._staging[: len(pcms) * width].view(len(pcms), width)
+        rows = staged.numpy()
+        for row, pcm in zip(rows, pcms):
+            row[: len(pcm)] = pcm
+            row[len(pcm) :] = 0.0
+        device = self.backend.feature_device
+        waves = staged.to(device, non_blocking=True)
+        spec = self.backend.card.input
+        return model_input(waves, spec.sample_rate, spec, lengths=torch.tensor(lengths).to(device, non_blocking=True))
+
+    def _staging_buffer(self) -> torch.Tensor:
+        """One flat host buffer for the largest batch; pinned when the features are computed on CUDA."""
+        pinned = self.backend.feature_device.type == "cuda"
+        return torch.empty(self.settings.max_batch_size * self.window, dtype=torch.float32, pin_memory=pinned)
+
+    def _synchronize(self) -> None:
+        if self.backend.feature_device.type == "cuda":
+            torch.cuda.synchronize(self.backend.feature_device)
+
+
+def arch_label(arch: dict) -> str:
+    """A short architecture name for the model_info metric, e.g. 'ast-768x12'."""
+    kind = str(arch.get("type", "unknown"))
+    return f"{kind}-{arch['dim']}x{arch['depth']}" if "dim" in arch and "depth" in arch else kind
+
+
+class EngineThread:
+    """An engine on a thread of this process, reached through the same sockets: the in-process tests use it."""
+
+    def __init__(self, engine: Engine, address: str):
+        self.engine = engine
+        self.address = address
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastast-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._started.set()
+            await self.engine.serve(self.address, self._stop)
+
+        asyncio.run(main())
+
+
+def engine_main(settings: ServeSettings, address: str, parent: Connection) -> None:
+    """The engine process: load the model, report its card (or a one-line error) to the supervisor, serve.
+
+    SIGTERM (sent by the supervisor once every worker has exited) finishes the queued requests and exits 0.
+    """
+    from fastast.serving.supervisor import child_setup
+
+    child_setup("engine", settings.log_level)
+    torch.set_num_threads(settings.engine_thread_count)
+    try:
+        backend = load_backend(settings)
+        engine = Engine(settings, backend, ServingMetrics(settings.max_batch_size))
+    except FastASTError as exc:
+        parent.send(("error", str(exc)))
+        raise SystemExit(2) from None
+    parent.send(("loaded", backend.card))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await engine.serve(address, stop)
+
+    asyncio.run(main())
