@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# checkov pins packaging 23.2 and networkx < 2.7, older than torch and transformers need: it gets a venv of its own.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION := 3.3.30
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
 DEB_PACKAGES := prometheus espeak-ng sox ffmpeg libsndfile1
 MODEL ?= model_store/default
 HOST ?= 127.0.0.1
@@ -14,7 +18,7 @@ serve: $(STAMP)
 	@test -f $(MODEL)/card.json || { echo "make serve: no model at $(MODEL) (run 'make default-model' or set MODEL=DIR)"; exit 1; }
 	$(VENV)/bin/fastast serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(CHECKOV_STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -23,6 +27,12 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install -q 'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
 # Debian packages used by the tests (real Prometheus, espeak-ng speech, sox); installed only when missing.
@@ -39,4 +49,4 @@ default-model: $(STAMP) system-deps
 	bash scripts/default_model.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache build service/*.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache build service/*.egg-info
