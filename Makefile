@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-DEB_PACKAGES := prometheus espeak-ng sox ffmpeg libsndfile1
+DEB_PACKAGES := prometheus espeak-ng sox ffmpeg libsndfile1 chromium
 MODEL ?= model_store/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -25,7 +25,7 @@ $(STAMP):
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Debian packages used by the tests (real Prometheus, espeak-ng speech, sox); installed only when missing.
+# Debian packages used by the tests (real Prometheus, espeak-ng speech, sox, headless Chromium for /docs); installed only when missing.
 system-deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

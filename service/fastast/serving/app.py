@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 import fastast
 from fastast.serving.backend import Backend, load_backend
@@ -52,8 +53,9 @@ CLASSIFY_OPENAPI = {
             "name": "X-Request-Timeout-Ms",
             "in": "header",
             "required": False,
-            "schema": {"type": "number", "exclusiveMinimum": 0},
-            "description": "a deadline shorter than the server's --timeout-s; a request still queued then gets 504",
+            "schema": {"type": "number", "minimum": 1},
+            "description": "a deadline in ms, from 1 up to the server's --timeout-s (GET /models: limits.timeout_s); "
+            "a request still queued then gets 504",
         },
     ],
     "requestBody": {
@@ -85,9 +87,12 @@ def service_of(request: Request) -> Service:
     openapi_extra=CLASSIFY_OPENAPI,
     responses={
         400: _error("not audio, corrupt or truncated audio, NaN/Inf samples, an empty body, malformed multipart"),
-        413: _error("upload larger than --max-upload-mb (payload_too_large) or audio longer than --max-audio-s (audio_too_long)"),
+        413: _error(
+            "upload larger than --max-upload-mb (payload_too_large), audio longer than --max-audio-s (audio_too_long), "
+            "more channels than --max-channels or a sample rate above --max-sample-rate (audio_too_large)"
+        ),
         415: _error("a Content-Type other than multipart/form-data, audio/* or application/octet-stream"),
-        422: _error("r, top_k or X-Request-Timeout-Ms not an integer / number, or out of range"),
+        422: _error("r or top_k not a number of ASCII digits, X-Request-Timeout-Ms not a number, or out of range"),
         429: _error("the queue is full (--max-queue); retry after the given seconds", retry_after=True),
         500: _error("the batch this request ran in failed (inference_failed)"),
         503: _error("warming up (not_ready) or shutting down (draining)", retry_after=True),
@@ -155,7 +160,7 @@ def create_app(settings: ServeSettings | None = None, backend: Backend | None = 
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their JS and CSS from this server: they work air-gapped
         title="FastAST Serve",
         version=fastast.__version__,
         description="Audio classification with the Audio Spectrogram Transformer and Token Merging: "
