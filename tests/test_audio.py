@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import tracemalloc
 
 import kaldi_native_fbank as knf
 import numpy as np
@@ -18,10 +20,10 @@ import torchaudio.compliance.kaldi as ta_kaldi
 from conftest import SC_MEAN, SC_STD, tone, write_wav
 from transformers import ASTFeatureExtractor
 
-from fastast import features
+from fastast import audio, features
 from fastast.audio import load_audio
+from fastast.errors import AudioLimitError, AudioTooLongError, InvalidAudioError
 from fastast.features import featurize, kaldi_fbank, normalize, pad_or_trim
-from fastast.errors import AudioTooLongError, InvalidAudioError
 
 # AST's exact call (src/dataloader.py); sample_frequency is added per use.
 AST_FBANK = dict(htk_compat=True, use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
@@ -342,3 +344,86 @@ def test_missing_or_empty_files_are_invalid_audio(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(InvalidAudioError, match="empty"):
         load_audio(tmp_path / "empty.wav")
+
+
+# --- limits on what a header may ask for, and decoding in blocks --------------------------------------------
+
+
+def wav_header_only(channels: int, sample_rate: int, seconds: float) -> bytes:
+    """A 16-bit PCM WAV header that promises `seconds` of audio, followed by only 1 KB of it."""
+    data_bytes = int(seconds * sample_rate) * channels * 2
+    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+    header = b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+    return header + b"data" + struct.pack("<I", data_bytes) + bytes(1024)
+
+
+def test_channels_and_sample_rate_are_refused_from_the_header_before_decoding():
+    """The file holds 1 KB of its promised samples: a limit error (not 'truncated') shows nothing was decoded."""
+    with pytest.raises(AudioLimitError, match="audio has 255 channels; the limit is 8"):
+        load_audio(wav_header_only(255, 96000, 29.0), max_channels=8)
+    with pytest.raises(AudioLimitError, match="audio is sampled at 655350 Hz; the limit is 192000 Hz"):
+        load_audio(wav_header_only(1, 655350, 1.0), max_sample_rate=192000)
+    with pytest.raises(InvalidAudioError, match="truncated"):  # within every limit: now it is read, and found short
+        load_audio(wav_header_only(2, 48000, 1.0), max_seconds=30, max_channels=8, max_sample_rate=48000)
+
+
+def test_flac_at_the_highest_rate_flac_allows_is_refused():
+    data = wav_bytes(np.zeros((65535, 8), dtype=np.float32), 655350, fmt="FLAC")
+    with pytest.raises(AudioLimitError, match="655350 Hz") as refused:
+        load_audio(data, max_seconds=30, max_channels=8, max_sample_rate=192000)
+    assert refused.value.code == "audio_too_large"
+
+
+def test_blocks_are_mixed_to_mono_exactly_as_a_whole_read_would_be(tmp_path):
+    rng = np.random.default_rng(3)
+    frames = audio.BLOCK_SAMPLES  # three channels: the audio spans three blocks
+    wave = (0.3 * rng.standard_normal((frames, 3))).astype(np.float32)
+    path = tmp_path / "three.wav"
+    sf.write(str(path), wave, 48000, subtype="FLOAT")
+    mono, rate = audio.decode(path)
+    assert rate == 48000 and mono.dtype == np.float32
+    np.testing.assert_array_equal(mono, wave.mean(axis=1, dtype=np.float32))
+
+
+def test_decoding_holds_the_mono_signal_never_every_channel(tmp_path):
+    """8 channels of 20 s at 48 kHz: decoded whole that is 31 MB of float32, mixed block by block about 4 MB."""
+    channels, rate, seconds = 8, 48000, 20
+    frames = rate * seconds
+    wave = tone(seconds, rate, freq=440.0, channels=channels) * np.linspace(0.2, 1.0, channels, dtype=np.float32)
+    path = tmp_path / "eight.flac"
+    sf.write(str(path), wave, rate, format="FLAC", subtype="PCM_16")
+    del wave
+    mono_bytes, block_bytes = 4 * frames, 4 * audio.BLOCK_SAMPLES
+    bound = 2 * mono_bytes + 2 * block_bytes  # the pieces and their concatenation, plus one block and its mean
+    assert 4 * frames * channels > bound  # a decoder that held every channel could not pass
+    tracemalloc.start()
+    try:
+        mono, _ = audio.decode(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(mono) == frames
+    assert peak < bound, f"peak {peak / 1e6:.1f} MB"
+
+
+def unknown_length_flac(seconds: float) -> bytes:
+    """A FLAC whose STREAMINFO gives no sample count, as an encoder writing to a pipe leaves it."""
+    data = bytearray(wav_bytes(tone(seconds), fmt="FLAC"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    # STREAMINFO starts at byte 8; its total-samples field is the low 4 bits of byte 13 and bytes 14-17.
+    data[8 + 13] &= 0xF0
+    data[8 + 14 : 8 + 18] = bytes(4)
+    return bytes(data)
+
+
+def test_flac_of_unknown_length_is_read_to_its_end():
+    data = unknown_length_flac(2.0)
+    assert sf.info(io.BytesIO(data)).frames >= 2**63 - 1  # libsndfile's "unknown"
+    assert len(load_audio(data, max_seconds=30)) == 32000
+
+
+def test_flac_of_unknown_length_past_the_limit_says_so_without_a_made_up_duration():
+    with pytest.raises(AudioTooLongError) as too_long:
+        load_audio(unknown_length_flac(3.0), max_seconds=2)
+    message = str(too_long.value)
+    assert message == "audio runs past the limit of 2 s (its header gives no length)"

@@ -21,6 +21,7 @@ from fastast.errors import CheckpointError, IntegrityError
 from fastast.model import load_model
 from fastast.model.card import bundled_labels
 from fastast.model.importers import hf_labels, import_hf, import_original, to_hf_model
+from fastast.model.store import sha256_file
 
 DIM, HEADS, DEPTH, FRAMES = 128, 2, 2, 128  # head width 64, as original AST checkpoints assume
 NAMES = ["dog bark", "siren", "rain", "speech", "music"]
@@ -180,6 +181,7 @@ def test_hf_import_matches_transformers(sources, hf_model, features, variant, tm
     assert [(label.mid, label.display_name) for label in card.labels] == [(n, n) for n in NAMES]
     assert card.task == "single-label"
     assert card.arch["norm_eps"] == card.arch["head_norm_eps"] == 1e-12
+    assert card.weights_sha256 == sha256_file(out / "model.safetensors")
 
 
 def test_preprocessor_config_reaches_the_card(sources):
@@ -227,6 +229,7 @@ def test_original_pth_import_matches_transformers(original_pth, features, tmp_pa
     assert (card.arch["norm_eps"], card.arch["head_norm_eps"]) == (1e-6, 1e-5)
     assert [label.mid for label in card.labels] == [f"/m/x{i}" for i in range(len(NAMES))]
     assert card.provenance["format"] == "ast-pth"
+    assert card.weights_sha256 == sha256_file(out / "model.safetensors")
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -299,6 +302,8 @@ def test_original_errors(original_pth, tmp_path, capsys):
     err = one_line_error(capsys, [*base, str(tmp_path / "nope.pth"), "--labels", "esc50", "--target-length", "128"])
     assert "not found" in err
     assert "needs --labels" in one_line_error(capsys, [*base, str(pth)])
+    err = one_line_error(capsys, [*base, str(pth), "--labels", str(csv), "--target-length", str(FRAMES), "--std", "0"])
+    assert err.endswith(": std: Input should be greater than 0")
     assert not (tmp_path / "out").exists()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import select
+import shutil
 import socket
+import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -12,18 +14,23 @@ import httpx
 import numpy as np
 import pytest
 from conftest import tone
-from serverutil import metric, running_server, scrape, wav_bytes
+from serverutil import metric, scrape, start_server, wav_bytes
 
 MAX_BATCH = 4
 NUM_CLASSES = 35  # the tiny model has the Speech Commands labels
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def server_process(tiny_model_dir):
     # A long max wait makes batches form reliably on a busy CPU; small limits make 413s cheap to provoke.
     args = ("--max-batch-size", str(MAX_BATCH), "--max-wait-ms", "200", "--max-audio-s", "5")
-    with running_server(tiny_model_dir, *args, env={"FASTAST_MAX_UPLOAD_MB": "1"}) as url:
-        yield url
+    with start_server(tiny_model_dir, *args, env={"FASTAST_MAX_UPLOAD_MB": "1"}) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def server(server_process) -> str:
+    return server_process.url
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +106,7 @@ def test_models_health_ready_docs(client):
     assert info["r"] == {"min": 0, "max": 72, "default": 0}  # 12 x 12 patches: max r = 144 // 2
     assert info["input"]["target_length"] == 128 and info["backend"] == {"name": "torch", "device": "cpu", "dtype": "fp32"}
     assert info["limits"]["max_batch_size"] == MAX_BATCH and info["limits"]["max_upload_mb"] == 1.0
+    assert info["limits"]["max_channels"] == 8 and info["limits"]["max_sample_rate"] == 192000
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json() == {"status": "ready"}
     assert "swagger" in client.get("/docs").text.lower()
@@ -246,8 +254,15 @@ def test_upload_limit_enforced_while_streaming(server):
         ({"top_k": 0}, {}, "invalid_parameter"),
         ({"top_k": NUM_CLASSES + 1}, {}, "invalid_parameter"),
         ({"top_k": "many"}, {}, "invalid_parameter"),
+        ({"r": "1" * 4301}, {}, "invalid_parameter"),  # past Python's int-digit limit: was a 500
+        ({"top_k": "1" * 4301}, {}, "invalid_parameter"),
+        ({"r": "٣"}, {}, "invalid_parameter"),  # ARABIC-INDIC DIGIT THREE: was read as r=3
         ({}, {"X-Request-Timeout-Ms": "soon"}, "invalid_parameter"),
         ({}, {"X-Request-Timeout-Ms": "-5"}, "invalid_parameter"),
+        ({}, {"X-Request-Timeout-Ms": "inf"}, "invalid_parameter"),
+        ({}, {"X-Request-Timeout-Ms": "1e400"}, "invalid_parameter"),
+        ({}, {"X-Request-Timeout-Ms": "5e-324"}, "invalid_parameter"),
+        ({}, {"X-Request-Timeout-Ms": "30001"}, "invalid_parameter"),  # past the server's --timeout-s of 30 s
     ],
 )
 def test_bad_parameters_422(client, speech, params, headers, code):
@@ -271,6 +286,56 @@ def test_multipart_without_file_field(client, speech):
 def test_routing_errors_are_json(client):
     assert_error(client.get("/nowhere"), 404, "not_found")
     assert_error(client.get("/classify"), 405, "method_not_allowed")
+
+
+# ---- decompression amplification: the header is checked first, and decoding holds mono samples only --------------
+
+
+def peak_rss(process: subprocess.Popen) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    for line in open(f"/proc/{process.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+@pytest.fixture(scope="module")
+def many_channel_ogg(tmp_path_factory) -> bytes:
+    """255 channels of silence at 96 kHz in Ogg Vorbis: about 17 KB that decode to 440 MB of float32.
+
+    The issue's file is 29 s long (96 KB, 2.8 GB); sox needs about 2 s of CPU per second of it, and the server
+    here refuses more than 5 s from the header alone, so 4.5 s.
+    """
+    if shutil.which("sox") is None:
+        pytest.fail("sox is not installed; `make test` installs it")
+    path = tmp_path_factory.mktemp("bomb") / "many.ogg"
+    subprocess.run(["sox", "-D", "-n", "-r", "96000", "-c", "255", str(path), "trim", "0", "4.5"], check=True)
+    return path.read_bytes()
+
+
+def test_many_channels_are_refused_from_the_header(client, server_process, many_channel_ogg):
+    before = peak_rss(server_process.process)
+    response = client.post("/classify", content=many_channel_ogg, headers={"Content-Type": "audio/ogg"})
+    assert_error(response, 413, "audio_too_large")
+    assert response.json()["detail"] == "audio has 255 channels; the limit is 8"
+    assert peak_rss(server_process.process) - before < 300e6
+
+
+def test_an_allowed_many_channel_upload_is_decoded_within_mono_memory(tiny_model_dir, many_channel_ogg):
+    """With --max-channels 255 the same file is decoded, block by block: the server's peak memory barely moves."""
+    with start_server(tiny_model_dir, "--max-channels", "255") as server:
+        with httpx.Client(base_url=server.url, timeout=60.0) as client:
+            before = peak_rss(server.process)
+            response = client.post("/classify", content=many_channel_ogg, headers={"Content-Type": "audio/ogg"})
+            assert response.status_code == 200, response.text
+            assert peak_rss(server.process) - before < 300e6
+
+
+def test_sample_rate_past_the_limit_is_refused(client):
+    flac = wav_bytes(np.zeros((65535, 8), dtype=np.float32), 655350, format="FLAC")  # FLAC's highest rate
+    response = client.post("/classify", content=flac, headers={"Content-Type": "audio/flac"})
+    assert_error(response, 413, "audio_too_large")
+    assert response.json()["detail"] == "audio is sampled at 655350 Hz; the limit is 192000 Hz"
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 
 from conftest import SC_MEAN, SC_STD, make_model_dir, tone, write_wav
 from fastast.cli import main
-from fastast.model.card import Label, ModelCard
-from fastast.model.store import load_model
+from fastast.model.card import InputSpec, Label, ModelCard
+from fastast.model.store import load_model, sha256_file
 from fastast.training.data import Example, write_label_csv, write_manifest
 from fastast.training.evaluate import average_precision
 from fastast.training.loop import TrainConfig, Trainer, make_optimizer
@@ -63,6 +63,7 @@ def test_training_lowers_the_loss_and_writes_a_servable_model(tones, tmp_path):
     assert "--lr 0.003" in card.provenance["command"] and "--freqm 0" in card.provenance["command"]
     assert card.provenance["data"]["train_examples"] == 24
     assert card.input.std > 0  # measured on the training files
+    assert card.weights_sha256 == sha256_file(out / "model.safetensors")
     assert (out / "checkpoint" / "optimizer.safetensors").is_file()
 
 
@@ -151,8 +152,8 @@ def test_efficientnet_teacher_outputs_logits_and_round_trips_the_store(tmp_path)
 
     torch.manual_seed(0)
     net = EfficientNetTeacher(num_classes=3).eval()
-    card = ModelCard(name="t", arch=teacher_arch(64), labels=[Label(index=i, mid=m, display_name=m) for i, m in enumerate(FREQS)],
-                     task="single-label")
+    card = ModelCard(name="t", arch=teacher_arch(64), input=InputSpec(target_length=64),
+                     labels=[Label(index=i, mid=m, display_name=m) for i, m in enumerate(FREQS)], task="single-label")
     save_model(tmp_path / "t", net, card)
     model = load_model(tmp_path / "t")
     x = torch.randn(2, 64, 128)
@@ -172,6 +173,7 @@ def test_efficientnet_teacher_outputs_logits_and_round_trips_the_store(tmp_path)
         (lambda a, d: a.__setitem__(a.index("--train") + 1, str(d / "missing.json")), "manifest not found"),
         (lambda a, d: a.__setitem__(a.index("--arch") + 1, "resnet"), "unknown arch 'resnet'"),
         (lambda a, d: a.__setitem__(a.index("--labels") + 1, str(d / "nolabels.csv")), "label file not found"),
+        (lambda a, d: a.extend(["--mean", "0", "--std", "0"]), "input spec (--mean/--std, or as measured on --train): std"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tones, tmp_path, capsys, mutate, message):

@@ -15,24 +15,35 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from fastast.errors import AudioTooLongError, InvalidAudioError
+from fastast.errors import AudioLimitError, AudioTooLongError, InvalidAudioError
 
 FRAME_MS = 25.0
 SHIFT_MS = 10.0
 # libsndfile's header log for a WAV whose data chunk promises more bytes than the file holds.
 _WAV_DATA_SIZE = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
 _STREAMING_SIZE = 0x7FFF0000  # writers that cannot seek (pipes) leave a placeholder this large or larger
+_UNKNOWN_FRAMES = 2**63 - 1  # libsndfile's frame count when the header gives none (e.g. a FLAC written to a pipe)
+# Audio is decoded this many samples (all channels together) at a time: 4 MB of float32, whatever the channels.
+BLOCK_SAMPLES = 1 << 20
 
 AudioSource = bytes | bytearray | memoryview | str | os.PathLike
 
 
-def load_audio(source: AudioSource, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(
+    source: AudioSource,
+    sample_rate: int = 16000,
+    max_seconds: float | None = None,
+    *,
+    max_channels: int | None = None,
+    max_sample_rate: int | None = None,
+) -> np.ndarray:
     """Decode any soundfile format, mix to mono and resample: the one way audio enters the service.
 
-    Returns float32 samples in [-1, 1] at `sample_rate`; every problem with the input is an InvalidAudioError.
+    Returns float32 samples in [-1, 1] at `sample_rate`; every problem with the input is an InvalidAudioError,
+    and audio past a limit an AudioLimitError, raised from the header before anything is decoded where it can be.
     """
-    samples, rate = decode(source, max_seconds)
-    wave = resample(to_mono(samples), rate, sample_rate)
+    wave, rate = decode(source, max_seconds, max_channels=max_channels, max_sample_rate=max_sample_rate)
+    wave = resample(wave, rate, sample_rate)
     if len(wave) < frame_length(sample_rate):
         raise InvalidAudioError(
             f"audio is {1000 * len(wave) / sample_rate:.1f} ms long, shorter than one {FRAME_MS:g} ms analysis frame"
@@ -40,30 +51,85 @@ def load_audio(source: AudioSource, sample_rate: int = 16000, max_seconds: float
     return wave
 
 
-def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Samples [frames, channels] float32 and their sample rate; too-long audio is refused before it is decoded."""
+def decode(
+    source: AudioSource,
+    max_seconds: float | None = None,
+    *,
+    max_channels: int | None = None,
+    max_sample_rate: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Mono float32 samples [frames] and their native sample rate.
+
+    A few KB of compressed audio can declare hundreds of channels at a high rate: the header is checked against
+    the limits first, then the audio is decoded in blocks and each block mixed to mono at once, so memory stays
+    near the mono signal, never channels x rate x seconds of float32.
+    """
     handle = _open_source(source)
     try:
         with sf.SoundFile(handle) as f:
-            rate, declared = f.samplerate, f.frames
-            limit = None if max_seconds is None else int(max_seconds * rate)
-            if limit is not None and declared > limit:
-                raise AudioTooLongError(_too_long(declared / rate, max_seconds))
+            rate, declared = f.samplerate, (f.frames if f.frames < _UNKNOWN_FRAMES else None)
+            if declared is None:
+                _read_as_stream(f)
+            limit = _check_header(f, declared, max_seconds, max_channels, max_sample_rate)
             _check_wav_complete(f)
             # Read at most one frame past the limit, so a header that understates the length costs no memory.
-            samples = f.read(frames=-1 if limit is None else limit + 1, dtype="float32", always_2d=True)
+            wave = _read_mono(f, None if limit is None else limit + 1)
     except InvalidAudioError:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, OSError, EOFError) as exc:
         reason = getattr(exc, "error_string", None) or str(exc)
         raise InvalidAudioError(f"cannot decode audio (not an audio format, corrupt or truncated): {reason}") from None
-    if limit is not None and len(samples) > limit:
-        raise AudioTooLongError(_too_long(len(samples) / rate, max_seconds))
-    if samples.size == 0:
+    if limit is not None and len(wave) > limit:
+        claim = "its header gives no length" if declared is None else f"its header says {declared / rate:.1f} s"
+        raise AudioTooLongError(f"audio runs past the limit of {max_seconds:g} s ({claim})")
+    if wave.size == 0:
         raise InvalidAudioError("audio contains no samples")
-    if not np.isfinite(samples).all():
-        raise InvalidAudioError("audio contains NaN or infinite samples")
-    return samples, rate
+    return wave, rate
+
+
+def _read_as_stream(f: sf.SoundFile) -> None:
+    """Read a file whose header gives no length as a stream, without seeking.
+
+    soundfile tracks its position by seeking after every read, and libsndfile cannot seek to the end of a FLAC of
+    unknown length, so the last read would fail (libsndfile issues 806 and 835).
+    """
+    f._info.seekable = False  # soundfile's own flag, which has no public setter
+
+
+def _check_header(
+    f: sf.SoundFile,
+    declared: int | None,
+    max_seconds: float | None,
+    max_channels: int | None,
+    max_sample_rate: int | None,
+) -> int | None:
+    """Refuse what the header alone shows to be over a limit; the most frames that may then be decoded."""
+    if max_channels is not None and f.channels > max_channels:
+        raise AudioLimitError(f"audio has {f.channels} channels; the limit is {max_channels}")
+    if max_sample_rate is not None and f.samplerate > max_sample_rate:
+        raise AudioLimitError(f"audio is sampled at {f.samplerate} Hz; the limit is {max_sample_rate} Hz")
+    if max_seconds is None:
+        return None
+    limit = int(max_seconds * f.samplerate)
+    if declared is not None and declared > limit:
+        raise AudioTooLongError(f"audio is {declared / f.samplerate:.1f} s long; the limit is {max_seconds:g} s")
+    return limit
+
+
+def _read_mono(f: sf.SoundFile, max_frames: int | None) -> np.ndarray:
+    """Up to max_frames frames (all when None), decoded block by block and mixed to mono as they come."""
+    block = max(1, BLOCK_SAMPLES // f.channels)
+    parts, total = [], 0
+    while max_frames is None or total < max_frames:
+        frames = block if max_frames is None else min(block, max_frames - total)
+        samples = f.read(frames, dtype="float32", always_2d=True)
+        if len(samples) == 0:
+            break
+        if not np.isfinite(samples).all():
+            raise InvalidAudioError("audio contains NaN or infinite samples")
+        parts.append(to_mono(samples))
+        total += len(samples)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 def _open_source(source: AudioSource) -> io.BytesIO | str:
@@ -90,10 +156,6 @@ def _check_wav_complete(f: sf.SoundFile) -> None:
             raise InvalidAudioError(
                 f"audio file is truncated: its header declares {declared} bytes of samples, only {present} are present"
             )
-
-
-def _too_long(seconds: float, max_seconds: float) -> str:
-    return f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s"
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:

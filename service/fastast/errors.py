@@ -9,8 +9,16 @@ class InvalidAudioError(FastASTError, ValueError):
     """Audio that cannot be decoded, is empty, or holds NaN/Inf samples."""
 
 
-class AudioTooLongError(InvalidAudioError):
-    """Audio longer than the caller's limit (the service answers 413 rather than 400)."""
+class AudioLimitError(InvalidAudioError):
+    """Audio past one of the caller's limits (length, channels, sample rate): the service answers 413, not 400."""
+
+    code = "audio_too_large"
+
+
+class AudioTooLongError(AudioLimitError):
+    """Audio longer than the caller's limit."""
+
+    code = "audio_too_long"
 
 
 class InvalidRError(FastASTError, ValueError):

@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="labels to print per file")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--allow-unverified", action="store_true", help="load weights whose card has no weights_sha256 (with a warning)"
+    )
     parser.add_argument("audio", nargs="+", type=Path, help="audio files")
     parser.set_defaults(func=run)
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     r = parse_r_arg(args.r)
     if args.top_k < 1:
         raise FastASTError(f"--top-k must be at least 1, got {args.top_k}")
-    model = load_model(args.model, device=resolve_device(args.device))
+    model = load_model(args.model, device=resolve_device(args.device), allow_unverified=args.allow_unverified)
     if isinstance(model.net, AST):
         tome.parse_r(r, model.net.config.depth)  # refuse a bad schedule before any audio is read
     spec = model.card.input

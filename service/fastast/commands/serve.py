@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-# setting name -> (metavar, help); every field of ServeSettings, nothing else.
-OPTIONS: dict[str, tuple[str, str]] = {
+# setting name -> (metavar, help); every field of ServeSettings, nothing else. A metavar of None is a switch.
+OPTIONS: dict[str, tuple[str | None, str]] = {
     "model": ("DIR", "model_store folder with model.safetensors and card.json (default model_store/default)"),
     "host": ("ADDR", "address to listen on (default 127.0.0.1)"),
     "port": ("PORT", "TCP port (default 8000)"),
@@ -22,6 +22,8 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "timeout_s": ("S", "request deadline; a request still queued then gets 504 (default 30.0)"),
     "max_audio_s": ("S", "longest audio accepted; longer gets 413 (default 30.0)"),
     "max_upload_mb": ("MB", "largest upload accepted; larger gets 413 (default 20.0)"),
+    "max_channels": ("N", "most audio channels accepted, checked on the header before decoding; more get 413 (default 8)"),
+    "max_sample_rate": ("HZ", "highest native sample rate accepted, checked on the header; higher gets 413 (default 192000)"),
     "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the `fastast export-onnx` graphs in --model (default torch)"),
     "device": ("DEV", "auto, cpu, cuda or cuda:N (default auto)"),
     "dtype": ("{auto,fp32,bf16,fp16}", "auto = fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA (default auto)"),
@@ -32,6 +34,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "body_timeout_s": ("S", "time a request has to deliver its whole body; slower gets 408 (default 20.0)"),
     "header_timeout_s": ("S", "time a connection has to deliver a request's headers; slower is closed (default 10.0)"),
     "drain_timeout_s": ("S", "on SIGTERM, how long uploads in progress may finish, then 503 (default 10.0)"),
+    "allow_unverified": (None, "load weights whose card has no weights_sha256 to check them against, with a warning (default False)"),
     "log_level": ("LEVEL", "critical, error, warning, info or debug (default info)"),
 }
 
@@ -49,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "flags win over the environment.",
     )
     for name, (metavar, text) in OPTIONS.items():
-        parser.add_argument(flag(name), dest=name, metavar=metavar, default=argparse.SUPPRESS, help=text)
+        if metavar is None:
+            parser.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag(name), dest=name, metavar=metavar, default=argparse.SUPPRESS, help=text)
     parser.set_defaults(func=run)
 
 

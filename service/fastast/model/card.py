@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fastast.errors import CheckpointError
 
 # AudioSet statistics, the default of AST and of Hugging Face's ASTFeatureExtractor.
 AUDIOSET_MEAN = -4.2677393
 AUDIOSET_STD = 4.5689974
+# Model sample rates a card may give: telephone band to high-resolution audio.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
+_AST_SIZES = ("dim", "depth", "heads", "patch_size", "fstride", "tstride", "num_mel_bins", "target_length")
 
 
 class InputSpec(BaseModel):
-    """How raw audio becomes the model's input: fbank at sample_rate, pad/trim, (x - mean) / (2 * std)."""
+    """How raw audio becomes the model's input: fbank at sample_rate, pad/trim, (x - mean) / (2 * std).
 
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
-    target_length: int = 1024
-    mean: float = AUDIOSET_MEAN
-    std: float = AUDIOSET_STD
+    A zero std or a NaN mean would turn every score into NaN, and a sample rate of 0 would fail every request:
+    such a card is refused when it is read, not blamed on the clients.
+    """
+
+    sample_rate: int = Field(16000, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
+    num_mel_bins: int = Field(128, ge=1)
+    target_length: int = Field(1024, ge=1)
+    mean: float = Field(AUDIOSET_MEAN, allow_inf_nan=False)
+    std: float = Field(AUDIOSET_STD, gt=0, allow_inf_nan=False)
 
 
 class Label(BaseModel):
@@ -54,26 +63,76 @@ class ModelCard(BaseModel):
     labels: list[Label]
     task: Literal["multi-label", "single-label"] = "multi-label"
     provenance: dict[str, Any] = Field(default_factory=dict)
-    weights_sha256: str = ""
+    weights_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")  # "" until save_model writes it
     r_table: list[RTableRow] = Field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @model_validator(mode="after")
+    def _input_fits_network(self) -> ModelCard:
+        """The input spec must be the shape the network was built for: otherwise every forward pass would fail."""
+        kind = self.arch.get("type", "ast")
+        built = _ast_input(self) if kind == "ast" else self.arch
+        for key in ("target_length", "num_mel_bins"):
+            given = getattr(self.input, key)
+            if key in built and built[key] != given:
+                raise ValueError(
+                    f"input.{key} is {given}, but the {kind} network was built for {built[key]} (arch.{key})"
+                )
+        return self
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
+        """The one way a card.json is read: whatever is wrong with it is one CheckpointError line."""
         try:
-            return cls.model_validate_json(path.read_text())
+            text = path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise CheckpointError(f"no card.json in {path.parent}") from None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "card"
-            raise CheckpointError(f"invalid {path}: {where}: {first['msg']}") from None
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        with card_errors(path):
+            return cls.model_validate_json(text)
+
+
+def _ast_input(card: ModelCard) -> dict[str, int]:
+    """The input an AST card's architecture takes; refuses an architecture that cannot be built at all."""
+    from fastast.model.ast import ASTConfig  # imports torch: only for cards, which are read to load a network
+
+    try:
+        config = ASTConfig(num_classes=card.num_classes, **{k: v for k, v in card.arch.items() if k != "type"})
+    except TypeError as exc:
+        raise ValueError(f"arch does not describe an AST: {exc}") from None
+    sizes = {name: getattr(config, name) for name in _AST_SIZES}
+    bad = [f"{name} {value!r}" for name, value in sizes.items() if type(value) is not int or value < 1]
+    if bad:
+        raise ValueError(f"arch sizes must be positive integers, got {', '.join(bad)}")
+    if config.dim % config.heads:
+        raise ValueError(f"arch.dim {config.dim} is not a multiple of arch.heads {config.heads}")
+    if min(config.grid) < 1:
+        raise ValueError(
+            f"an input of {config.target_length} frames x {config.num_mel_bins} mel bins is smaller than one "
+            f"{config.patch_size} x {config.patch_size} patch"
+        )
+    return {"target_length": config.target_length, "num_mel_bins": config.num_mel_bins}
+
+
+@contextmanager
+def card_errors(source: str | Path) -> Iterator[None]:
+    """Pydantic's ValidationError, raised while a card is read or built, as one CheckpointError line naming `source`."""
+    try:
+        yield
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        raise CheckpointError(f"invalid {source}: {f'{where}: ' if where else ''}{message}") from None
 
 
 def read_label_csv(path: str | Path) -> list[Label]:

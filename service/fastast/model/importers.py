@@ -32,6 +32,7 @@ from fastast.model.card import (
     Label,
     ModelCard,
     bundled_labels,
+    card_errors,
     read_label_csv,
 )
 from fastast.model.store import card_arch, load_state_dict_checked
@@ -235,10 +236,9 @@ def hf_labels(config: Mapping[str, Any]) -> list[Label]:
 
 def hf_input_spec(folder: Path, arch: ASTConfig) -> InputSpec:
     """Input spec from preprocessor_config.json when present, else AudioSet statistics."""
-    spec = InputSpec(num_mel_bins=arch.num_mel_bins, target_length=arch.target_length)
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        return spec
+        return InputSpec(num_mel_bins=arch.num_mel_bins, target_length=arch.target_length)
     pre = _read_json(path)
     for field, model_value in (("max_length", arch.target_length), ("num_mel_bins", arch.num_mel_bins)):
         if field in pre and int(pre[field]) != model_value:
@@ -247,7 +247,13 @@ def hf_input_spec(folder: Path, arch: ASTConfig) -> InputSpec:
         mean, std = float(pre.get("mean", AUDIOSET_MEAN)), float(pre.get("std", AUDIOSET_STD))
     else:  # (x - 0) / (2 * 0.5) = x: features reach the model unnormalized
         mean, std = 0.0, 0.5
-    return spec.model_copy(update={"mean": mean, "std": std, "sample_rate": int(pre.get("sampling_rate", 16000))})
+    return InputSpec(
+        num_mel_bins=arch.num_mel_bins,
+        target_length=arch.target_length,
+        mean=mean,
+        std=std,
+        sample_rate=int(pre.get("sampling_rate", 16000)),
+    )
 
 
 def import_hf(folder: str | Path) -> tuple[AST, ModelCard]:
@@ -265,19 +271,20 @@ def import_hf(folder: str | Path) -> tuple[AST, ModelCard]:
     network = AST(arch)
     renamed = hf_state_to_fastast(state, arch.depth, layout, bool(config.get("qkv_bias", True)))
     load_state_dict_checked(network, renamed, str(folder))
-    card = ModelCard(
-        name=folder.resolve().name,
-        arch=card_arch(arch),
-        input=hf_input_spec(folder, arch),
-        labels=hf_labels(config),
-        task="single-label" if config.get("problem_type") == "single_label_classification" else "multi-label",
-        provenance={
-            "source": str(folder.resolve()),
-            "format": fmt,
-            "layout": layout,
-            "transformers_version": config.get("transformers_version"),
-        },
-    )
+    with card_errors(folder):
+        card = ModelCard(
+            name=folder.resolve().name,
+            arch=card_arch(arch),
+            input=hf_input_spec(folder, arch),
+            labels=hf_labels(config),
+            task="single-label" if config.get("problem_type") == "single_label_classification" else "multi-label",
+            provenance={
+                "source": str(folder.resolve()),
+                "format": fmt,
+                "layout": layout,
+                "transformers_version": config.get("transformers_version"),
+            },
+        )
     return network.eval(), card
 
 
@@ -356,14 +363,15 @@ def import_original(
         )
     network = AST(arch)
     load_state_dict_checked(network, state, str(pth))
-    card = ModelCard(
-        name=pth.stem,
-        arch=card_arch(arch),
-        input=InputSpec(num_mel_bins=arch.num_mel_bins, target_length=target_length, mean=mean, std=std),
-        labels=label_list,
-        task=task,
-        provenance={"source": str(pth.resolve()), "format": "ast-pth", "labels": str(labels)},
-    )
+    with card_errors(pth):
+        card = ModelCard(
+            name=pth.stem,
+            arch=card_arch(arch),
+            input=InputSpec(num_mel_bins=arch.num_mel_bins, target_length=target_length, mean=mean, std=std),
+            labels=label_list,
+            task=task,
+            provenance={"source": str(pth.resolve()), "format": "ast-pth", "labels": str(labels)},
+        )
     return network.eval(), card
 
 

@@ -6,6 +6,7 @@ Weights are only ever read with safetensors (no pickle), and their sha256 must m
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from fastast.device import DTYPES
 from fastast.errors import CheckpointError, IntegrityError, InvalidRError
 from fastast.model.ast import AST, ASTConfig
 from fastast.model.card import ModelCard
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CARD = "card.json"
@@ -39,11 +42,8 @@ def card_arch(config: ASTConfig) -> dict:
 def build_network(card: ModelCard) -> nn.Module:
     """An untrained network of the architecture the card describes."""
     kind = card.arch.get("type", "ast")
-    if kind == "ast":
-        try:
-            return AST(ast_config_from_card(card))
-        except TypeError as exc:
-            raise CheckpointError(f"card arch does not describe an AST: {exc}") from None
+    if kind == "ast":  # the card's validation has checked that its arch builds
+        return AST(ast_config_from_card(card))
     if kind == "efficientnet_b2":  # the CMKD teacher; needs timm (the `train` extra)
         from fastast.training.teacher import build_teacher
 
@@ -99,6 +99,24 @@ def save_model(directory: str | Path, network: nn.Module, card: ModelCard) -> Mo
     return card
 
 
+def _verify_weights(weights: Path, card: ModelCard, allow_unverified: bool = False) -> None:
+    """The weights' sha256 must equal the card's; a card without one passes only when allowed, with a warning."""
+    if not card.weights_sha256:
+        if not allow_unverified:
+            raise IntegrityError(
+                f"{weights.parent / CARD} has no weights_sha256, so {weights} cannot be verified: write the file's "
+                "sha256 into the card (fastast import and train always do), or load it anyway with --allow-unverified "
+                "(serve, predict)"
+            )
+        log.warning("loading %s unverified: its card has no weights_sha256 (--allow-unverified)", weights)
+        return
+    actual = sha256_file(weights)
+    if actual != card.weights_sha256:
+        raise IntegrityError(
+            f"{weights}: sha256 {actual[:12]}… does not match the card's {card.weights_sha256[:12]}…"
+        )
+
+
 class FastASTModel(nn.Module):
     """A loaded model: the network plus its card, its front end and its output activation."""
 
@@ -144,8 +162,17 @@ def scores_from_logits(logits: Tensor, task: str) -> Tensor:
     return logits.sigmoid() if task == "multi-label" else logits.softmax(dim=-1)
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> FastASTModel:
-    """Load model_store/NAME: checks the weights' sha256 against the card, never unpickles."""
+def load_model(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    *,
+    allow_unverified: bool = False,
+) -> FastASTModel:
+    """Load model_store/NAME: checks the weights' sha256 against the card, never unpickles.
+
+    A card without a sha256 is refused unless `allow_unverified`: a flipped byte would otherwise load silently.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model folder not found: {directory}")
@@ -153,11 +180,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS} in {directory}")
-    actual = sha256_file(weights)
-    if card.weights_sha256 and actual != card.weights_sha256:
-        raise IntegrityError(
-            f"{weights}: sha256 {actual[:12]}… does not match the card's {card.weights_sha256[:12]}…"
-        )
+    _verify_weights(weights, card, allow_unverified)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

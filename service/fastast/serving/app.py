@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 import fastast
 from fastast.model.card import ModelCard
@@ -60,8 +61,9 @@ CLASSIFY_OPENAPI = {
             "name": "X-Request-Timeout-Ms",
             "in": "header",
             "required": False,
-            "schema": {"type": "number", "exclusiveMinimum": 0},
-            "description": "a deadline shorter than the server's --timeout-s; a request still queued then gets 504",
+            "schema": {"type": "number", "minimum": 1},
+            "description": "a deadline in ms, from 1 up to the server's --timeout-s (GET /models: limits.timeout_s); "
+            "a request still queued then gets 504",
         },
     ],
     "requestBody": {
@@ -93,12 +95,24 @@ def service_of(request: Request) -> Service:
     openapi_extra=CLASSIFY_OPENAPI,
     responses={
         400: _error("not audio, corrupt or truncated audio, NaN/Inf samples, an empty body, malformed multipart"),
-        413: _error("upload larger than --max-upload-mb (payload_too_large) or audio longer than --max-audio-s (audio_too_long)"),
+        413: _error(
+            "upload larger than --max-upload-mb (payload_too_large), audio longer than --max-audio-s (audio_too_long), "
+            "more channels than --max-channels or a sample rate above --max-sample-rate (audio_too_large)"
+        ),
         415: _error("a Content-Type other than multipart/form-data, audio/* or application/octet-stream"),
-        422: _error("r, top_k or X-Request-Timeout-Ms not an integer / number, or out of range"),
-        429: _error("the queue is full (--max-queue); retry after the given seconds", retry_after=True),
+        422: _error("r or top_k not a number of ASCII digits, X-Request-Timeout-Ms not a number, or out of range"),
+        408: _error("the upload did not complete within --body-timeout-s (body_timeout)"),
+        429: _error(
+            "the queue is full (queue_full, --max-queue) or this worker has --max-uploads uploads in progress "
+            "(too_many_uploads); retry after the given seconds",
+            retry_after=True,
+        ),
         500: _error("the batch this request ran in failed (inference_failed)"),
-        503: _error("warming up (not_ready) or shutting down (draining)", retry_after=True),
+        503: _error(
+            "warming up (not_ready), shutting down (draining, also for an upload cut off by the drain), or the "
+            "inference engine stopped (engine_unavailable)",
+            retry_after=True,
+        ),
         504: _error("the deadline passed while the request was queued; it was not computed"),
     },
 )
@@ -128,7 +142,7 @@ async def healthz(request: Request) -> Response | Status:
     "/readyz",
     response_model=Status,
     summary="Readiness: the model is loaded and warmed up, and the server is not draining",
-    responses={503: _error("warming up, warm-up failed, or draining", retry_after=True)},
+    responses={503: _error("warming up, warm-up failed, draining, or the engine stopped", retry_after=True)},
 )
 async def readyz(request: Request) -> Response | Status:
     refusal = service_of(request).readiness()
@@ -167,7 +181,7 @@ def create_app(settings: ServeSettings | None = None, backend=None, *, engine: E
     else:
         lifespan, service = _with_engine_thread(settings, backend, metrics)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their JS and CSS from this server: they work air-gapped
         title="FastAST Serve",
         version=fastast.__version__,
         description="Audio classification with the Audio Spectrogram Transformer and Token Merging: "

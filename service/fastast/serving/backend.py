@@ -103,9 +103,13 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def load_torch_backend(model_dir: Path, device: str = "auto", dtype: str = "auto") -> TorchBackend:
+def load_torch_backend(
+    model_dir: Path, device: str = "auto", dtype: str = "auto", allow_unverified: bool = False
+) -> TorchBackend:
     torch_device = resolve_device(device)
-    model = load_model(model_dir, device=torch_device, dtype=resolve_dtype(dtype, torch_device))
+    model = load_model(
+        model_dir, device=torch_device, dtype=resolve_dtype(dtype, torch_device), allow_unverified=allow_unverified
+    )
     return TorchBackend(model)
 
 
@@ -115,4 +119,4 @@ def load_backend(settings) -> Backend:
         from fastast.export.backend import load_onnx_backend
 
         return load_onnx_backend(settings.model, settings.device, settings.dtype)
-    return load_torch_backend(settings.model, settings.device, settings.dtype)
+    return load_torch_backend(settings.model, settings.device, settings.dtype, settings.allow_unverified)

@@ -48,6 +48,8 @@ class Limits(BaseModel):
     timeout_s: float
     max_audio_s: float
     max_upload_mb: float
+    max_channels: int
+    max_sample_rate: int
 
 
 class ModelInfo(BaseModel):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,13 +19,14 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from fastast.audio import load_audio, window_samples
-from fastast.errors import AudioTooLongError, InvalidAudioError
+from fastast.errors import AudioLimitError, InvalidAudioError
 from fastast.model.card import ModelCard
 from fastast.serving import protocol
 from fastast.serving.engine_client import ClientGoneError, EngineClient, EngineUnavailableError
 from fastast.serving.errors import ServiceError
 from fastast.serving.intake import read_upload
 from fastast.serving.metrics import INVALID_R, ServingMetrics
+from fastast.serving.params import parse_int, parse_timeout_ms
 from fastast.serving.schemas import (
     BackendInfo,
     ClassifyResponse,
@@ -44,7 +44,6 @@ DEFAULT_TOP_K = 5
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER = {"Retry-After": "1"}
 DRAINING = ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
-_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 def outcome(status: int) -> str:
@@ -162,7 +161,7 @@ class Service:
         )
 
     def _parse_r(self, request: Request) -> int:
-        r = _integer(request.query_params.get("r"), "r")
+        r = parse_int(request.query_params.get("r"), "r")
         r = self.settings.default_r if r is None else r
         info = self.info
         if info.r_values is not None and r not in info.r_values:
@@ -174,7 +173,7 @@ class Service:
 
     def _parse_top_k(self, request: Request) -> int:
         num_classes = self.card.num_classes
-        top_k = _integer(request.query_params.get("top_k"), "top_k")
+        top_k = parse_int(request.query_params.get("top_k"), "top_k")
         top_k = self.default_top_k if top_k is None else top_k
         if not 1 <= top_k <= num_classes:
             raise ServiceError(422, "invalid_parameter", f"top_k must be between 1 and {num_classes}, got {top_k}")
@@ -182,19 +181,8 @@ class Service:
 
     def _deadline(self, request: Request, started: float) -> float:
         """--timeout-s after arrival, or sooner when X-Request-Timeout-Ms asks for less."""
-        timeout = self.settings.timeout_s
-        header = request.headers.get(TIMEOUT_HEADER)
-        if header is not None:
-            try:
-                asked = float(header) / 1000
-            except ValueError:
-                asked = float("nan")
-            if not asked > 0:  # also refuses NaN
-                raise ServiceError(
-                    422, "invalid_parameter", f"X-Request-Timeout-Ms must be a positive number of ms, got {header!r}"
-                )
-            timeout = min(timeout, asked)
-        return started + timeout
+        asked = parse_timeout_ms(request.headers.get(TIMEOUT_HEADER), self.settings.timeout_s)
+        return started + (self.settings.timeout_s if asked is None else asked)
 
     async def _run(self, request: Request, r: int, top_k: int, deadline: float) -> protocol.Result:
         refusal = self.readiness()
@@ -244,14 +232,14 @@ class Service:
             self._upload_limits.discard(limit)
         try:
             return await loop.run_in_executor(self._decode_pool, self._decode, data)
-        except AudioTooLongError as exc:
-            raise ServiceError(413, "audio_too_long", str(exc)) from None
+        except AudioLimitError as exc:
+            raise ServiceError(413, exc.code, str(exc)) from None
         except InvalidAudioError as exc:
             raise ServiceError(400, "invalid_audio", str(exc)) from None
 
     def _decode(self, data: bytes) -> np.ndarray:
         started = time.perf_counter()
-        wave = load_audio(data, self.card.input.sample_rate, max_seconds=self.settings.max_audio_s)
+        wave = load_audio(data, self.card.input.sample_rate, **self.settings.audio_limits)
         self.metrics.record_stage("decode", time.perf_counter() - started)
         return np.ascontiguousarray(wave[: self.window])
 
@@ -275,17 +263,11 @@ class Service:
                 timeout_s=settings.timeout_s,
                 max_audio_s=settings.max_audio_s,
                 max_upload_mb=settings.max_upload_mb,
+                max_channels=settings.max_channels,
+                max_sample_rate=settings.max_sample_rate,
             ),
             weights_sha256=card.weights_sha256,
         )
-
-
-def _integer(raw: str | None, name: str) -> int | None:
-    if raw is None:
-        return None
-    if not _INTEGER.match(raw.strip()):
-        raise ServiceError(422, "invalid_parameter", f"{name} must be an integer, got {raw!r}")
-    return int(raw)
 
 
 async def _disconnected(request: Request) -> None:

@@ -28,6 +28,10 @@ class ServeSettings(BaseSettings):
     timeout_s: float = Field(30.0, gt=0, description="deadline of a request; one still queued then answers 504")
     max_audio_s: float = Field(30.0, gt=0, description="longest audio accepted, in seconds (413 beyond)")
     max_upload_mb: float = Field(20.0, gt=0, description="largest upload accepted, in MB (413 beyond)")
+    max_channels: int = Field(8, ge=1, description="most audio channels accepted, read from the header (413 beyond)")
+    max_sample_rate: int = Field(
+        192_000, ge=8_000, description="highest native sample rate accepted, read from the header (413 beyond)"
+    )
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch", description="torch, or onnxruntime on the r{N}.onnx graphs `fastast export-onnx` wrote into --model"
     )
@@ -50,6 +54,9 @@ class ServeSettings(BaseSettings):
     drain_timeout_s: float = Field(
         10.0, ge=0, description="on SIGTERM: how long uploads still in progress may finish (then 503); queued requests are always answered"
     )
+    allow_unverified: bool = Field(
+        False, description="load weights whose card has no weights_sha256 (logs a warning); refused otherwise"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
 
     @property
@@ -64,6 +71,15 @@ class ServeSettings(BaseSettings):
     def engine_thread_count(self) -> int:
         """More torch threads than free cores make every small op wait on descheduled threads: 100x slower, seen."""
         return self.engine_threads or max(1, usable_cpus() - self.worker_count)
+
+    @property
+    def audio_limits(self) -> dict[str, float | int]:
+        """fastast.audio.load_audio's limits for one upload, checked on its header before anything is decoded."""
+        return {
+            "max_seconds": self.max_audio_s,
+            "max_channels": self.max_channels,
+            "max_sample_rate": self.max_sample_rate,
+        }
 
 
 def usable_cpus() -> int:

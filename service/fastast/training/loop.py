@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from fastast.device import resolve_device
 from fastast.errors import CheckpointError
 from fastast.model.ast import AST, SIZES, ASTConfig
-from fastast.model.card import InputSpec, ModelCard
+from fastast.model.card import InputSpec, ModelCard, card_errors
 from fastast.model.store import FastASTModel, card_arch, load_model, save_model
 from fastast.training import evaluate as ev
 from fastast.training.augment import AugmentConfig
@@ -208,7 +208,8 @@ class Trainer:
             mean, std = config.mean, config.std
         else:
             mean, std = dataset_stats(train_set, config.workers)
-        return InputSpec(target_length=config.target_length, num_mel_bins=config.num_mel_bins, mean=mean, std=std)
+        with card_errors("input spec (--mean/--std, or as measured on --train)"):
+            return InputSpec(target_length=config.target_length, num_mel_bins=config.num_mel_bins, mean=mean, std=std)
 
     def run(self) -> ModelCard:
         config, device = self.config, self.device
