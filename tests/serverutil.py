@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,32 @@ import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 90.0
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of pid (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in task.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -69,6 +96,17 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+    def engine_pid(self) -> int:
+        """The engine process's pid, as the supervisor logs it once the workers are up."""
+        match = re.search(r"one engine \(pid (\d+)\)", self.log())
+        assert match, self.log()[-2000:]
+        return int(match[1])
+
+    def worker_pids(self) -> set[int]:
+        """The live API worker processes: the supervisor's children other than the engine and multiprocessing's
+        resource tracker."""
+        return {pid for pid in children(self.process.pid) if pid != self.engine_pid() and b"spawn_main" in cmdline(pid)}
 
     def __enter__(self) -> ServerProcess:
         return self

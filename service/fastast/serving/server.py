@@ -137,3 +137,4 @@ def worker_main(settings: ServeSettings, listener: socket.socket, engine: Engine
     server = DrainingServer(config, app.state.service, drain_limit_s=settings.timeout_s + settings.drain_timeout_s + STALLED_BATCH_S)
     server.run(sockets=[listener])
     raise SystemExit(server.exit_code)
+

@@ -53,9 +53,9 @@ _PR_SET_PDEATHSIG = 1
 
 def child_setup(name: str, log_level: str) -> None:
     """First thing in every child: die with the supervisor, stay out of the terminal's Ctrl-C, log with a name."""
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before the line above took effect
+    supervisor = multiprocessing.parent_process()
+    if supervisor is None or os.getppid() != supervisor.pid:  # it died before the line above took effect
         os._exit(1)
     os.setpgid(0, 0)  # the supervisor alone receives the terminal's SIGINT and coordinates the shutdown
     multiprocessing.current_process().name = name
@@ -106,11 +106,12 @@ class Supervisor:
             for index in range(self.settings.worker_count):
                 self._start_worker(index, listener, endpoint)
             log.info(
-                "serving %s on http://%s:%d with %d API worker(s) and one engine",
+                "serving %s on http://%s:%d with %d API worker(s) and one engine (pid %d)",
                 endpoint.card.name,
                 self.settings.host,
                 listener.getsockname()[1],
                 len(self.workers),
+                self.engine.pid,
             )
             return self._supervise(listener, endpoint)
         finally:
@@ -241,7 +242,8 @@ def _engine_main(*args) -> None:
 
 
 def _terminate(processes: list[BaseProcess], timeout: float) -> bool:
-    """SIGTERM, wait up to `timeout`, SIGKILL what is left; True if every process exited with 0."""
+    """SIGTERM, wait up to `timeout`, SIGKILL what is left; True if every process exited cleanly: with 0, or ended
+    by the SIGTERM itself, which only happens before a process installs its handler, so before it took any work."""
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -252,7 +254,7 @@ def _terminate(processes: list[BaseProcess], timeout: float) -> bool:
             log.warning("%s did not exit within %.0f s; killing it", process.name, timeout)
             process.kill()
             process.join()
-    return all(process.exitcode == 0 for process in processes)
+    return all(process.exitcode in (0, -signal.SIGTERM) for process in processes)
 
 
 def serve(settings: ServeSettings) -> int:

@@ -1,0 +1,147 @@
+"""Front-end benchmark: servers side by side on the same near-zero-cost model, clips and load, rounds interleaved.
+
+    python -m loadtest.frontend --server "new-w2=fastast serve --workers 2" --server "old=..." --clips 1,10 \
+        --rounds 3 --duration 8 --out docs/loadtest/frontend
+
+Each --server is NAME=COMMAND; the command gets `--model DIR --port PORT --host 127.0.0.1` appended and is
+started once, then every (server, clip) case is driven by loadtest.loadgen in rotating order for `--rounds`
+rounds, so drifting background load reaches every case alike. Reported per case: the median req/s, and the
+server's CPU per request summed over its whole process tree, next to the load generator's own CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from loadtest.loadgen import run_load
+
+
+def near_zero_model(directory: Path) -> Path:
+    """A 16-wide, 1-block AST at 1 s input: the model costs nothing, so what is measured is the service."""
+    from fastast.model import ASTConfig, ModelCard, save_model
+    from fastast.model.ast import AST
+    from fastast.model.card import InputSpec, bundled_labels
+    from fastast.model.store import card_arch
+
+    config = ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=128)
+    card = ModelCard(
+        name="zero",
+        arch=card_arch(config),
+        input=InputSpec(target_length=128),
+        labels=bundled_labels("speechcommands"),
+        task="single-label",
+        provenance={"source": "random weights, loadtest.frontend"},
+    )
+    save_model(directory, AST(config).eval(), card)
+    return directory
+
+
+def clip(directory: Path, seconds: int) -> Path:
+    """A 16 kHz 16-bit WAV of a modulated tone plus noise."""
+    rng = np.random.default_rng(seconds)
+    t = np.arange(seconds * 16000) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(len(t))
+    path = directory / f"clip_{seconds}s.wav"
+    sf.write(path, wave.astype(np.float32), 16000, subtype="PCM_16")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: str, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [*shlex.split(command), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
+    with log.open("w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"{command}: not ready after 120 s; see {log}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", action="append", required=True, help="NAME=COMMAND (repeatable)")
+    parser.add_argument("--clips", default="1,10", help="clip lengths in seconds")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fastast-frontend"))
+    parser.add_argument("--out", type=Path, help="write OUT.json (every run) and OUT.md (the table)")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = near_zero_model(args.work / "zero")
+    clips = {int(s): clip(args.work, int(s)) for s in args.clips.split(",")}
+    servers = dict(spec.split("=", 1) for spec in args.server)
+    running = {name: start(command, model, args.work / f"{name}.log") for name, command in servers.items()}
+    cases = [(name, seconds) for name in servers for seconds in clips]
+    runs: list[dict] = []
+    try:
+        for round_index in range(args.rounds):
+            shift = round_index % len(cases)
+            for name, seconds in cases[shift:] + cases[:shift]:
+                process, url = running[name]
+                report = run_load(
+                    f"{url}/classify?r=0", clips[seconds].read_bytes(), processes=args.processes,
+                    connections=args.connections, duration=args.duration, warmup=args.warmup, server_pid=process.pid,
+                )  # fmt: skip
+                report.update(server=name, clip_s=seconds, round=round_index)
+                print(json.dumps(report), flush=True)
+                runs.append(report)
+    finally:
+        for process, _ in running.values():
+            process.send_signal(signal.SIGTERM)
+        for process, _ in running.values():
+            process.wait(60)
+    table = format_table(runs, cases)
+    print(table)
+    if args.out:
+        args.out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
+        args.out.with_suffix(".md").write_text(table + "\n")
+
+
+def format_table(runs: list[dict], cases: list[tuple[str, int]]) -> str:
+    lines = [
+        "| server | clip | req/s (median) | server CPU ms / request | load generator CPU ms / request | non-200 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, seconds in cases:
+        mine = [run for run in runs if run["server"] == name and run["clip_s"] == seconds]
+        errors = sum(run["requests"] - run["ok"] for run in mine)
+        lines.append(
+            f"| {name} | {seconds} s | {statistics.median(r['req_per_s'] for r in mine):.0f} | "
+            f"{statistics.median(r['server_cpu_ms_per_request'] for r in mine):.2f} | "
+            f"{statistics.median(1e3 * r['loadgen_cpu_s'] / max(1, r['ok']) for r in mine):.2f} | {errors} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
