@@ -12,7 +12,7 @@ MODEL ?= model_store/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test venv system-deps default-model clean
+.PHONY: serve test venv system-deps default-model gpu-wheels clean
 
 serve: $(STAMP)
 	@test -f $(MODEL)/card.json || { echo "make serve: no model at $(MODEL) (run 'make default-model' or set MODEL=DIR)"; exit 1; }
@@ -47,6 +47,14 @@ system-deps:
 # Reproduce model_store/default end to end: synthetic data, CNN teacher, students, evaluation tables.
 default-model: $(STAMP) system-deps
 	bash scripts/default_model.sh
+
+# The serving dependencies the GPU host lacks, as CPython 3.12 wheels in .whl/ (git-ignored), for scripts/gpu_check.sh.
+GPU_WHEELS := fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types \
+	annotated-doc typing-extensions uvicorn httptools python-multipart soundfile cffi pycparser soxr pyzmq fastapi-offline
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_26_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache build service/*.egg-info

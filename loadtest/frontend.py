@@ -30,24 +30,30 @@ import soundfile as sf
 from loadtest.loadgen import run_load
 
 
-def near_zero_model(directory: Path) -> Path:
-    """A 16-wide, 1-block AST at 1 s input: the model costs nothing, so what is measured is the service."""
-    from fastast.model import ASTConfig, ModelCard, save_model
+def random_model(directory: Path, config, labels: str = "speechcommands") -> Path:
+    """An AST of the given ASTConfig with random weights in model-store layout (speed depends only on shapes)."""
+    from fastast.model import ModelCard, save_model
     from fastast.model.ast import AST
     from fastast.model.card import InputSpec, bundled_labels
     from fastast.model.store import card_arch
 
-    config = ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=128)
     card = ModelCard(
-        name="zero",
+        name=directory.name,
         arch=card_arch(config),
-        input=InputSpec(target_length=128),
-        labels=bundled_labels("speechcommands"),
-        task="single-label",
-        provenance={"source": "random weights, loadtest.frontend"},
+        input=InputSpec(target_length=config.target_length),
+        labels=bundled_labels(labels),
+        task="single-label" if labels == "speechcommands" else "multi-label",
+        provenance={"source": "random weights for a benchmark"},
     )
     save_model(directory, AST(config).eval(), card)
     return directory
+
+
+def near_zero_model(directory: Path) -> Path:
+    """A 16-wide, 1-block AST at 1 s input: the model costs nothing, so what is measured is the service."""
+    from fastast.model import ASTConfig
+
+    return random_model(directory, ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=128))
 
 
 def clip(directory: Path, seconds: int) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.audio import speech_bytes
+from loadtest.loadgen import percentile
 
 
 @dataclass
@@ -34,15 +34,6 @@ class SweepRow:
     mean_batch_size: float
     ok: int
     errors: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 async def run_level(url: str, audio: bytes, r: int, concurrency: int, duration: float, warmup: float) -> SweepRow:

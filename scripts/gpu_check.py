@@ -78,6 +78,15 @@ def fbank_parity() -> dict:
     cpu = features.kaldi_fbank(waves, rate)
     cuda = features.kaldi_fbank(torch.from_numpy(waves).cuda(), rate).cpu()
     report = {"clips": len(waves), "seconds_each": 10, "max_abs_diff": float((cpu - cuda).abs().max())}
+    # The engine's path: clips of different lengths in one zero-padded batch, each with its length.
+    lengths = [160_000, 95_000, 16_000, 401, 120_345, 64_000, 8_000, 150_000]
+    padded = waves.copy()
+    for row, length in zip(padded, lengths):
+        row[length:] = 0.0
+    spec = dict(target_length=1024, mean=-4.27, std=4.57)
+    batched = features.featurize(torch.from_numpy(padded).cuda(), rate, **spec, lengths=lengths).cpu()
+    solo = torch.cat([features.featurize(row[:length], rate, **spec) for row, length in zip(waves, lengths)])
+    report["lengths_batch_cuda_vs_solo_cpu_max_abs_diff"] = float((batched - solo).abs().max())
 
     batch = torch.from_numpy(np.tile(waves, (8, 1))).cuda()  # 64 clips of 10 s
     timings = []
@@ -102,44 +111,17 @@ def fbank_parity() -> dict:
 
 def make_models(directory: Path) -> dict[str, Path]:
     """A near-zero-cost model (16 wide, 1 block, 1 s) and AST-base at 1024 frames, random weights."""
-    import torch
+    from fastast.model import ASTConfig
+    from loadtest.frontend import near_zero_model, random_model
 
-    from fastast.model import ASTConfig, ModelCard, save_model
-    from fastast.model.ast import AST
-    from fastast.model.card import InputSpec, bundled_labels
-    from fastast.model.store import card_arch
-
-    made = {}
-    for name, config, labels in (
-        ("zero", ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=128), "speechcommands"),
-        ("base", ASTConfig.preset("base", 527, target_length=1024), "audioset"),
-    ):
-        torch.manual_seed(0)
-        card = ModelCard(
-            name=name,
-            arch=card_arch(config),
-            input=InputSpec(target_length=config.target_length),
-            labels=bundled_labels(labels),
-            task="single-label" if labels == "speechcommands" else "multi-label",
-            provenance={"source": "random weights for scripts/gpu_check.py"},
-        )
-        save_model(directory / name, AST(config).eval(), card)
-        made[name] = directory / name
-    return made
+    base = ASTConfig.preset("base", 527, target_length=1024)
+    return {"zero": near_zero_model(directory / "zero"), "base": random_model(directory / "base", base, "audioset")}
 
 
 def make_clips(directory: Path) -> dict[str, Path]:
-    import numpy as np
-    import soundfile as sf
+    from loadtest.frontend import clip
 
-    rng = np.random.default_rng(1)
-    clips = {}
-    for seconds in (1, 10):
-        t = np.arange(seconds * 16000) / 16000
-        wave = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(len(t))
-        clips[f"{seconds}s"] = directory / f"clip_{seconds}s.wav"
-        sf.write(clips[f"{seconds}s"], wave.astype(np.float32), 16000, subtype="PCM_16")
-    return clips
+    return {f"{seconds}s": clip(directory, seconds) for seconds in (1, 10)}
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

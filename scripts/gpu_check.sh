@@ -2,13 +2,8 @@
 # The GPU figures of this product, for any session lent a GPU (under 8 minutes); results land in $OUT.
 #
 # The GPU host has torch, onnxruntime and transformers but no registry and none of the serving dependencies, so
-# they travel as wheels. Prepare them once, here, in the repository root (.whl/ is git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     --platform manylinux1_x86_64 --platform manylinux_2_27_x86_64 -d .whl \
-#     fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types \
-#     annotated-doc typing-extensions uvicorn httptools python-multipart soundfile cffi pycparser soxr pyzmq
-# then run it there with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"].
+# they travel as wheels: run `make gpu-wheels` here once (they land in the git-ignored .whl/), then run this script
+# there with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}

@@ -1,4 +1,5 @@
-"""The load-test tools against a real `fastast serve`: the r sweep and the Locust file."""
+"""The load-test tools against a real `fastast serve`: the multi-process load generator, the r sweep and the Locust
+file."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.sweep import percentile
-from serverutil import running_server
+from loadtest.loadgen import percentile, run_load
+from serverutil import running_server, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,18 @@ def test_percentile_nearest_rank():
 def server_url(tiny_model_dir):
     with running_server(tiny_model_dir, "--max-batch-size", "8", "--max-wait-ms", "10") as url:
         yield url
+
+
+def test_loadgen_counts_requests_statuses_and_the_server_trees_cpu(tiny_model_dir, speech_wav):
+    with start_server(tiny_model_dir, "--workers", "2", "--max-wait-ms", "10") as server:
+        ok = run_load(f"{server.url}/classify?r=2", speech_wav.read_bytes(), processes=2, connections=4, duration=2,
+                      warmup=0.5, server_pid=server.process.pid)  # fmt: skip
+        refused = run_load(f"{server.url}/classify?r=x", b"", processes=1, connections=2, duration=1, warmup=0)
+    assert ok["ok"] == ok["requests"] > 0 and ok["status"] == {"200": ok["ok"]}
+    assert ok["req_per_s"] == ok["ok"] / 2 and 0 < ok["p50_ms"] <= ok["p99_ms"]
+    # The CPU of the whole tree (supervisor, engine, workers): more than the supervisor alone could spend idling.
+    assert ok["server_cpu_s"] > 0.05 and ok["server_cpu_ms_per_request"] > 0 and ok["loadgen_cpu_s"] > 0
+    assert refused["ok"] == 0 and set(refused["status"]) == {"422"}
 
 
 def test_sweep_writes_table_csv_and_plot(server_url, tmp_path):

@@ -361,6 +361,13 @@ def test_metrics_present_and_counting(client, server, speech):
     assert delta("fastast_inference_duration_seconds_count", r="2") == delta("fastast_batch_size_count", r="2") >= 1
     assert delta("fastast_batch_size_sum", r="2") == 2
     assert metric(after, "fastast_queue_depth", r="2") == 0
+    # Stages: decode once per request in the workers (3 decoded, the junk one failed in it), fbank and model once
+    # per batch in the engine; all processes' series come through the one /metrics.
+    assert delta("fastast_stage_duration_seconds_count", stage="decode") == 2
+    batches = delta("fastast_batch_size_count", r="2")
+    assert delta("fastast_stage_duration_seconds_count", stage="fbank") == batches
+    assert delta("fastast_stage_duration_seconds_count", stage="model") == batches
+    assert 0 <= metric(after, "fastast_engine_busy_ratio") <= 1
     info = {labels: value for (name, labels), value in after.items() if name == "fastast_model_info"}
     assert list(info.values()) == [1.0]
     assert dict(next(iter(info))) == {"model": "tiny", "arch": "ast-64x4", "device": "cpu", "dtype": "fp32", "backend": "torch"}

@@ -103,6 +103,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tiny_model_dir, spee
             assert httpx.get(f"{server.url}/readyz").json()["error"] == "draining"
             late = httpx.post(f"{server.url}/classify", content=speech, headers=WAV, timeout=10)
             assert late.status_code == 503 and late.json()["error"] == "draining"
+            assert late.headers["connection"] == "close"  # a clean refusal, not a reset
             responses = [future.result() for future in accepted]
         assert [response.status_code for response in responses] == [200] * in_flight
         assert server.process.wait(timeout=30) == 0, server.log()[-3000:]
