@@ -244,7 +244,7 @@ class Engine:
         """PCM -> features on the device -> scores -> each clip's top-k (index, score) pairs."""
         started = time.perf_counter()
         features = self._features([clip.pcm for clip in clips])
-        self._synchronize()
+        self._synchronize()  # so the fbank's time is its own in fastast_stage_duration_seconds
         featured = time.perf_counter()
         scores = self.backend.run(features, r).float()
         top = scores.topk(max(clip.top_k for clip in clips), dim=-1)

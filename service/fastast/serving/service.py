@@ -43,7 +43,11 @@ log = logging.getLogger("fastast.serving")
 DEFAULT_TOP_K = 5
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER = {"Retry-After": "1"}
-DRAINING = ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
+
+
+def draining() -> ServiceError:
+    """The refusal while shutting down; Connection: close so clients reconnect to another replica."""
+    return ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
 
 
 def outcome(status: int) -> str:
@@ -118,7 +122,7 @@ class Service:
         if state.warmup_error is not None:
             return ServiceError(503, "warmup_failed", state.warmup_error)
         if self.draining:
-            return DRAINING
+            return draining()
         if not state.ready:
             return ServiceError(503, "not_ready", "the model is warming up", RETRY_AFTER)
         return None
@@ -223,7 +227,7 @@ class Service:
                 data = await read_upload(request, self.settings.max_upload_bytes)
         except TimeoutError:
             if self.draining:
-                raise DRAINING from None
+                raise draining() from None
             if body_due <= deadline:
                 raise ServiceError(408, "body_timeout", f"the upload did not complete within {self.settings.body_timeout_s:g} s") from None
             raise ServiceError(504, "timeout", "the request's deadline passed before it could run") from None
