@@ -3,8 +3,8 @@
     python -m loadtest.frontend --server "new-w2=fastast serve --workers 2" --server "old=..." --clips 1,10 \
         --rounds 3 --duration 8 --out docs/loadtest/frontend
 
-Each --server is NAME=COMMAND; the command gets `--model DIR --port PORT --host 127.0.0.1` appended and is
-started once, then every (server, clip) case is driven by loadtest.loadgen in rotating order for `--rounds`
+Each --server is NAME=COMMAND; the command gets `--model DIR --port PORT --host 127.0.0.1` appended (peers under
+loadtest/peers take the same flags) and is started once, then every (server, clip) case is driven by loadtest.loadgen in rotating order for `--rounds`
 rounds, so drifting background load reaches every case alike. Reported per case: the median req/s, and the
 server's CPU per request summed over its whole process tree, next to the load generator's own CPU.
 """
@@ -72,7 +72,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: str, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start(command: str, model: Path, log: Path, ready_path: str = "/readyz") -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [*shlex.split(command), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
     with log.open("w") as out:
@@ -81,7 +81,7 @@ def start(command: str, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{ready_path}", timeout=2) as response:
                 if response.status == 200:
                     return process, url
         except OSError:
@@ -93,6 +93,8 @@ def start(command: str, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", action="append", required=True, help="NAME=COMMAND (repeatable)")
+    parser.add_argument("--ready", action="append", default=[], help="NAME=PATH: its readiness path (default /readyz)")
+    parser.add_argument("--model", type=Path, help="serve this model_store folder instead of the near-zero model")
     parser.add_argument("--clips", default="1,10", help="clip lengths in seconds")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
@@ -103,10 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write OUT.json (every run) and OUT.md (the table)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = near_zero_model(args.work / "zero")
+    model = args.model or near_zero_model(args.work / "zero")
     clips = {int(s): clip(args.work, int(s)) for s in args.clips.split(",")}
     servers = dict(spec.split("=", 1) for spec in args.server)
-    running = {name: start(command, model, args.work / f"{name}.log") for name, command in servers.items()}
+    ready = dict(spec.split("=", 1) for spec in args.ready)
+    running = {
+        name: start(command, model, args.work / f"{name}.log", ready.get(name, "/readyz")) for name, command in servers.items()
+    }
     cases = [(name, seconds) for name in servers for seconds in clips]
     runs: list[dict] = []
     try:
