@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-import torch
 
 from fastast import cli
 from fastast.commands import serve as serve_command
