@@ -95,7 +95,8 @@ def _content_length(data: bytes) -> int:
 
 
 def test_one_batch_mixes_requests_from_every_worker_and_one_queue_bound_covers_them(tiny_model_dir, speech):
-    args = ("--workers", "2", "--max-wait-ms", "3000", "--max-batch-size", "64", "--max-queue", "6")
+    # The batch may wait 10 s: queueing six requests across paused workers takes seconds on a loaded machine.
+    args = ("--workers", "2", "--max-wait-ms", "10000", "--max-batch-size", "64", "--max-queue", "6")
     with start_server(tiny_model_dir, *args) as server, ThreadPoolExecutor(8) as pool:
         first, second = sorted(server.worker_pids())
         futures = []

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 import time
@@ -91,7 +90,7 @@ class Engine:
 
     def info(self) -> protocol.EngineInfo:
         backend = self.backend
-        return protocol.EngineInfo(backend.name, backend.device, backend.dtype, self.max_r, backend.r_values, os.getpid())
+        return protocol.EngineInfo(backend.name, backend.device, backend.dtype, self.max_r, backend.r_values)
 
     # ---- life cycle ----------------------------------------------------------------------------------------------
 

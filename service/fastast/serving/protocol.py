@@ -43,14 +43,12 @@ class EngineInfo:
     dtype: str
     max_r: int  # the largest r that still merges something
     r_values: list[int] | None  # the only r the backend can run (ONNX graphs), or None for any r up to max_r
-    engine_pid: int
 
 
 @dataclass(frozen=True)
 class EngineState:
     ready: bool = False  # loaded and warmed up for every batch size
     warmup_error: str | None = None
-    draining: bool = False
 
 
 @dataclass(frozen=True)

@@ -137,19 +137,16 @@ class Supervisor:
         send.close()
         while not self.signals:
             ready = wait([receive, self.engine.sentinel, self._wake_read])
-            if receive in ready:
-                try:
+            self._drain_wake_pipe()
+            if receive in ready or self.engine.sentinel in ready:
+                try:  # the engine holds the pipe's only sending end: a message, or EOF once it has exited
                     kind, payload = receive.recv()
                 except EOFError:
-                    kind, payload = "error", None
+                    kind, payload = "exited", None
                 if kind == "loaded":
                     return EngineEndpoint(address, card=payload)
                 self.engine.join()
                 raise FastASTError(payload or f"the engine exited with code {self.engine.exitcode} while loading the model")
-            if self.engine.sentinel in ready:
-                self.engine.join()
-                raise FastASTError(f"the engine exited with code {self.engine.exitcode} while loading the model")
-            self._drain_wake_pipe()
         return None
 
     def _start_worker(self, index: int, listener: socket.socket, endpoint) -> None:
