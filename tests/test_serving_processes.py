@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from serverutil import alive, children, metric, scrape, start_server
+from serverutil import _launch, alive, children, metric, scrape, start_server
 
 WAV = {"Content-Type": "audio/wav"}
 
@@ -127,6 +127,20 @@ def test_engine_death_answers_waiting_requests_503_at_once_and_the_server_exits_
     assert answered_s < 5  # not held until their 30 s deadline
     assert exit_code == 1, server.log()[-3000:]
     wait_until(lambda: not any(alive(pid) for pid in tree), timeout=10)
+
+
+def test_engine_death_while_workers_start_exits_at_once(tiny_model_dir):
+    """Workers waiting on their hello to an engine that then dies must not sit out the hello's 60 s time-out."""
+    server = _launch(tiny_model_dir, ("--workers", "2"), {k: v for k, v in os.environ.items() if not k.startswith("FASTAST_")})
+    with server:
+        wait_until(lambda: "one engine (pid" in server.log())
+        engine = server.engine_pid()
+        os.kill(engine, signal.SIGSTOP)  # it cannot answer: both workers stay in their start-up
+        wait_until(lambda: server.log().count("Waiting for application startup") == 2, timeout=60)
+        os.kill(engine, signal.SIGKILL)
+        killed = time.monotonic()
+        exit_code = server.process.wait(timeout=60)
+        assert exit_code == 1 and time.monotonic() - killed < 15, server.log()[-3000:]
 
 
 def test_a_dead_worker_is_replaced_and_service_continues(tiny_model_dir, speech):

@@ -94,18 +94,19 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig == signal.SIGTERM and self._drain_started is None:
+            if not self.started:
+                # Still starting (perhaps waiting on an engine that died): it has accepted nothing, so it leaves at
+                # once rather than after its start-up gives up.
+                raise SystemExit(0)
             self._drain_started = time.monotonic()
-            if self.started:
-                self.service.begin_drain()
-            else:  # still starting: nothing accepted yet, so nothing to drain
-                self.should_exit = True
+            self.service.begin_drain()
             return
         super().handle_exit(sig, frame)
 
     @property
     def exit_code(self) -> int:
-        """0 after serving or a SIGTERM; STARTUP_FAILURE when the app could not start."""
-        return 0 if self.started or self._drain_started is not None else STARTUP_FAILURE
+        """0 after serving; STARTUP_FAILURE when the app could not start."""
+        return 0 if self.started else STARTUP_FAILURE
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_started is not None and not self.should_exit:
