@@ -41,8 +41,8 @@ def build_request(url: str, body: bytes, content_type: str) -> tuple[str, int, b
     return parts.hostname, parts.port or 80, head.encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether the server keeps the connection open); reads and discards the body."""
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """(status, whether the server keeps the connection open, body)."""
     status_line = await reader.readline()
     if not status_line:
         raise ConnectionError("connection closed")
@@ -57,8 +57,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             keep_alive = False
     if length is None:
         raise ConnectionError("response without Content-Length")
-    await reader.readexactly(length)
-    return status, keep_alive
+    return status, keep_alive, await reader.readexactly(length)
 
 
 async def _client(host: str, port: int, request: bytes, start: float, stop: float, out: dict) -> None:
@@ -70,7 +69,7 @@ async def _client(host: str, port: int, request: bytes, start: float, stop: floa
                 reader, writer = await asyncio.open_connection(host, port)
             sent = time.monotonic()
             writer.write(request)
-            status, keep_alive = await _read_response(reader)
+            status, keep_alive, _ = await read_response(reader)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError):
             out["status"]["conn_error"] += 1
             if writer is not None:

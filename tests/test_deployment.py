@@ -242,6 +242,7 @@ def test_dashboard_is_provisionable():
 # ---- live: a real Prometheus scraping a real server evaluates every dashboard and alert query ----
 
 R_VALUES = ("0", "4", "8")
+AUTO_ASKED = {"0": "auto"}  # the r=0 traffic asks for r=auto (see drive_traffic)
 GOOD_PER_R = 6
 SCRAPE_INTERVAL = "1s"
 # What Grafana puts in place of its variables before a query reaches Prometheus, as concrete values.
@@ -347,9 +348,12 @@ def evaluated_after(timestamp: str, epoch: float) -> bool:
 
 
 def drive_traffic(base_url: str, per_r: int) -> None:
-    """`per_r` clips at each r, all at once so batches form, plus one undecodable upload per r."""
+    """`per_r` clips at each r, all at once so batches form, plus one undecodable upload per r.
+
+    The r=0 clips ask for r=auto: with the live server's lax --slo-ms the controller runs them at r=0.
+    """
     clip = wav_bytes(tone(1.0))
-    plan = [(r, clip) for r in R_VALUES for _ in range(per_r)] + [(r, b"not audio") for r in R_VALUES]
+    plan = [(AUTO_ASKED.get(r, r), clip) for r in R_VALUES for _ in range(per_r)] + [(r, b"not audio") for r in R_VALUES]
 
     def post(item: tuple[str, bytes]) -> int:
         r, body = item
@@ -380,7 +384,8 @@ def live(tiny_model_dir, tmp_path_factory):
     no increase yet: the first wave creates the series, the second is what rate() and increase() see.
     """
     started = time.monotonic()
-    with start_server(tiny_model_dir, "--max-batch-size", "4", "--max-wait-ms", "50") as server:
+    auto = ("--auto-max-r", "8", "--slo-ms", "600000")
+    with start_server(tiny_model_dir, "--max-batch-size", "4", "--max-wait-ms", "50", *auto) as server:
         port = int(server.url.rsplit(":", 1)[1])
         prometheus = Prometheus(prometheus_config(port), tmp_path_factory.mktemp("prometheus"))
         try:
@@ -419,8 +424,10 @@ def test_live_every_dashboard_query_returns_data(live):
             labels = [s["metric"] for s in result]
             grouping = re.findall(r"\bby \(([^)]*)\)", expr)
             if grouping and all({g.strip() for g in group.split(",")} - {"le"} == {"r"} for group in grouping):
-                # Grouped by r: exactly one series per r value the traffic used.
-                assert sorted(m["r"] for m in labels) == sorted(R_VALUES), where
+                # Grouped by r: exactly one series per r value the traffic used (per queue for the queue depth:
+                # r=auto requests wait in the "auto" queue, then run at an r the controller chooses).
+                expected = [AUTO_ASKED.get(r, r) for r in R_VALUES] if "fastast_queue_depth" in expr else R_VALUES
+                assert sorted(m["r"] for m in labels) == sorted(expected), where
             elif "by (r, status)" in expr:
                 pairs = [(m["r"], m["status"]) for m in labels]
                 assert len(set(pairs)) == len(pairs) and {r for r, _ in pairs} == set(R_VALUES), where

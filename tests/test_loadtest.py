@@ -3,6 +3,7 @@ file."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.auto_ramp import summarize
 from loadtest.loadgen import percentile, run_load
+from loadtest.openloop import Outcome, poisson_times, run_open_loop
 from serverutil import running_server, start_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +43,28 @@ def test_loadgen_counts_requests_statuses_and_the_server_trees_cpu(tiny_model_di
     # The CPU of the whole tree (supervisor, engine, workers): more than the supervisor alone could spend idling.
     assert ok["server_cpu_s"] > 0.05 and ok["server_cpu_ms_per_request"] > 0 and ok["loadgen_cpu_s"] > 0
     assert refused["ok"] == 0 and set(refused["status"]) == {"422"}
+
+
+def test_open_loop_sends_every_poisson_arrival_and_reads_the_r_used(tiny_model_dir, speech_wav):
+    times = poisson_times(40, 1.5, seed=3)
+    assert 30 <= len(times) <= 90 and times == sorted(times) and times == poisson_times(40, 1.5, seed=3)
+    with start_server(tiny_model_dir, "--default-r", "auto", "--auto-max-r", "4") as server:
+        outcomes = asyncio.run(run_open_loop(f"{server.url}/classify", speech_wav.read_bytes(), 40, 1.5, seed=3))
+        refused = asyncio.run(run_open_loop(f"{server.url}/classify?r=x", b"", 20, 0.5, seed=1))
+    assert len(outcomes) == len(times) and [o.status for o in outcomes] == [200] * len(times)
+    assert all(o.r in range(5) and o.latency_s > 0 for o in outcomes)
+    assert [o.sent_s for o in outcomes] == sorted(o.sent_s for o in outcomes)
+    assert {o.status for o in refused} == {422} and {o.r for o in refused} == {None}
+
+
+def test_auto_ramp_summary_counts_goodput_sheds_and_expected_accuracy():
+    outcomes = [Outcome(0.1, 0.05, 200, 0), Outcome(0.2, 0.15, 200, 8), Outcome(0.3, 0.3, 200, 8),
+                Outcome(0.4, 0.0, 429, None), Outcome(0.5, 0.0, 0, None)]  # fmt: skip
+    row = summarize(outcomes, seconds=2.0, slo_s=0.2, accuracy={0: 0.9, 8: 0.84})
+    assert row["offered_per_s"] == 2.5 and row["ok"] == 3 and row["goodput_per_s"] == 1.0
+    assert (row["rejected_429"], row["other_errors"]) == (1, 1)
+    assert row["mean_r"] == pytest.approx(16 / 3) and row["expected_accuracy"] == pytest.approx((0.9 + 2 * 0.84) / 3)
+    assert row["p50_ms"] == pytest.approx(150) and row["p99_ms"] == pytest.approx(300)
 
 
 def test_sweep_writes_table_csv_and_plot(server_url, tmp_path):

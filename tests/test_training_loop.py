@@ -272,6 +272,10 @@ def test_evaluate_table_matches_hand_computation(tones, tmp_path, capsys):
         assert row["samples_per_s"] > 0
     written = load_model(model_dir)  # sha still matches: the weights were not touched
     assert [row.r for row in written.card.r_table] == [0, 4, 8] and written.card.r_table[0].variant == "Inf"
+    points = [(row.value, row.samples_per_s) for row in written.card.r_table]
+    for row, point in zip(written.card.r_table, points):  # each row is marked: dominated by another row or not
+        dominated = any(v >= point[0] and s >= point[1] and (v, s) != point for v, s in points)
+        assert row.pareto is (not dominated)
     assert (tmp_path / "r.png").stat().st_size > 0
     # a sibling's rows (e.g. Train+Inf weights) go into this card, naming the weights they were measured on
     sibling = tmp_path / "m2"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +52,7 @@ class RTableRow(BaseModel):
     drop: float | None = None  # value at r=0 minus value at r
     samples_per_s: float | None = None
     variant: str | None = None  # e.g. "Inf" (trained at r=0) or "Train+Inf"
+    pareto: bool | None = None  # no other row of its variant is as accurate and as fast, and better in one
 
 
 class ModelCard(BaseModel):
@@ -69,6 +70,15 @@ class ModelCard(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    def own_rows(self) -> list[RTableRow]:
+        """The r_table rows measured on these weights (not on a sibling such as the Train+Inf model), one per r."""
+        rows: dict[int, RTableRow] = {}
+        for row in self.r_table:
+            measured_on = (row.model_extra or {}).get("weights_sha256")
+            if measured_on in (None, self.weights_sha256):
+                rows.setdefault(row.r, row)
+        return sorted(rows.values(), key=lambda row: row.r)
 
     @model_validator(mode="after")
     def _input_fits_network(self) -> ModelCard:
@@ -121,6 +131,28 @@ def _ast_input(card: ModelCard) -> dict[str, int]:
             f"{config.patch_size} x {config.patch_size} patch"
         )
     return {"target_length": config.target_length, "num_mel_bins": config.num_mel_bins}
+
+
+def pareto_optimal(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (accuracy, speed) points: True where no other point is at least as good in both and better in one."""
+    return [
+        not any(a >= accuracy and s >= speed and (a, s) != (accuracy, speed) for a, s in points)
+        for accuracy, speed in points
+    ]
+
+
+def mark_pareto(rows: Sequence[RTableRow]) -> list[RTableRow]:
+    """The rows with `pareto` set, compared within each variant; rows without a speed are left unmarked."""
+    groups: dict[str | None, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.samples_per_s is not None:
+            groups.setdefault(row.variant, []).append(i)
+    marked = list(rows)
+    for members in groups.values():
+        flags = pareto_optimal([(rows[i].value, rows[i].samples_per_s) for i in members])
+        for i, flag in zip(members, flags):
+            marked[i] = rows[i].model_copy(update={"pareto": flag})
+    return marked
 
 
 @contextmanager

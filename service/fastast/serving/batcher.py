@@ -6,6 +6,9 @@ among ready queues the one whose head is oldest goes first, so no r starves. Bat
 single inference thread: the model is on one device, and torch releases the GIL while it computes, so the event
 loop keeps taking requests (and refusing them when full) meanwhile.
 
+Requests with r=auto wait in a queue of their own; when it is their turn, the r=auto controller
+(fastast.serving.auto_r) picks the r the batch runs at, and every batch's time feeds the controller's cost model.
+
 A request whose deadline passes while it is queued, or that is cancelled, leaves its queue and is never computed;
 once its batch has started it runs to the end. Admission is bounded: at most `max_queue` requests wait, across
 all r. The batcher knows nothing of audio or models: `run_batch(r, items)` turns a batch's items into one output
@@ -24,12 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from fastast.serving.metrics import ServingMetrics
+from fastast.serving.auto_r import AutoR
+from fastast.serving.metrics import AUTO_R, ServingMetrics
 
 log = logging.getLogger("fastast.serving")
 T = TypeVar("T")
 
 RunBatch = Callable[[int, list[Any]], Sequence[Any]]
+QueueKey = int | str  # an r, or AUTO_R for the requests that leave r to the controller
 
 
 class QueueFullError(Exception):
@@ -57,6 +62,7 @@ class JobState(enum.Enum):
 @dataclass(frozen=True)
 class BatchResult:
     output: Any  # run_batch's output for this request
+    r: int  # the r the batch ran at
     batch_size: int
     queue_s: float
     inference_s: float
@@ -65,7 +71,7 @@ class BatchResult:
 @dataclass(eq=False)
 class Job:
     item: Any
-    r: int
+    queue: QueueKey
     deadline: float  # time.monotonic()
     future: asyncio.Future[BatchResult]
     enqueued: float = field(default_factory=time.monotonic)
@@ -82,14 +88,16 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
+        auto: AutoR | None = None,
     ):
         self.run_batch = run_batch
+        self.auto = auto
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.busy_s = 0.0  # wall time spent computing batches, in total
-        self._queues: dict[int, deque[Job]] = {}
+        self._queues: dict[QueueKey, deque[Job]] = {}
         self._queued = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -126,20 +134,28 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, item: Any, r: int, deadline: float) -> Job:
-        """Queue one request; QueueFullError at once when max_queue requests already wait. Await job.future."""
+    def submit(self, item: Any, r: int | None, deadline: float) -> Job:
+        """Queue one request (r None: r=auto); QueueFullError at once when max_queue requests already wait.
+
+        Await job.future.
+        """
+        if r is None and self.auto is None:
+            raise ValueError("r=auto needs a controller")
         if self._queued >= self.max_queue:
             raise QueueFullError(f"{self._queued} requests are already waiting (max_queue {self.max_queue})")
         loop = asyncio.get_running_loop()
-        job = Job(item, r, deadline, loop.create_future())
+        key: QueueKey = AUTO_R if r is None else r
+        job = Job(item, key, deadline, loop.create_future())
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self._settle(job, DeadlineExceededError())
             return job
         job.expiry = loop.call_later(remaining, self.cancel, job, DeadlineExceededError())
-        self._queues.setdefault(r, deque()).append(job)
+        if r is None:
+            self.auto.arrived(job.enqueued)
+        self._queues.setdefault(key, deque()).append(job)
         self._queued += 1
-        self._set_depth(r)
+        self._set_depth(key)
         self._wake.set()
         return job
 
@@ -147,9 +163,9 @@ class Batcher:
         """Take a still-queued job out of its queue, failing it with `reason`; False if its batch already started."""
         if job.state is not JobState.QUEUED:
             return False
-        self._queues[job.r].remove(job)
+        self._queues[job.queue].remove(job)
         self._queued -= 1
-        self._set_depth(job.r)
+        self._set_depth(job.queue)
         self._settle(job, reason)
         return True
 
@@ -158,45 +174,55 @@ class Batcher:
     async def _schedule(self) -> None:
         while True:
             now = time.monotonic()
-            r = self._ready_queue(now)
-            if r is None:
+            key = self._ready_queue(now)
+            if key is None:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self._time_to_flush(now))
                 except asyncio.TimeoutError:
                     pass
                 continue
-            batch = self._take(r)
+            r, batch = self._take(key, now)
             self._idle.clear()
             try:
                 await self._run(r, batch)
             finally:
                 self._idle.set()
 
-    def _ready_queue(self, now: float) -> int | None:
-        """The r to batch next: among full or timed-out queues, the one whose head is oldest."""
+    def _ready_queue(self, now: float) -> QueueKey | None:
+        """The queue to batch next: among full or timed-out queues, the one whose head is oldest."""
         ready = [
-            (queue[0].enqueued, r)
-            for r, queue in self._queues.items()
+            (queue[0].enqueued, key)
+            for key, queue in self._queues.items()
             if queue and (len(queue) >= self.max_batch_size or now - queue[0].enqueued >= self.max_wait_s)
         ]
-        return min(ready)[1] if ready else None
+        return min(ready, key=lambda head: head[0])[1] if ready else None
 
     def _time_to_flush(self, now: float) -> float | None:
         heads = [queue[0].enqueued for queue in self._queues.values() if queue]
         return max(0.0, min(heads) + self.max_wait_s - now) if heads else None
 
-    def _take(self, r: int) -> list[Job]:
-        """Up to max_batch_size jobs off the head of queue r (expired ones already left through their timers)."""
-        queue = self._queues[r]
+    def _take(self, key: QueueKey, now: float) -> tuple[int, list[Job]]:
+        """The batch's r and up to max_batch_size jobs off the head of a queue (expired ones already left).
+
+        For the auto queue the controller picks the r, seeing the whole auto backlog.
+        """
+        queue = self._queues[key]
+        if key == AUTO_R:
+            assert self.auto is not None
+            r = self.auto.choose([job.enqueued for job in queue], now)
+        else:
+            r = int(key)
         batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]
         for job in batch:
             job.state = JobState.RUNNING
             if job.expiry is not None:
                 job.expiry.cancel()
         self._queued -= len(batch)
-        self._set_depth(r)
-        return batch
+        self._set_depth(key)
+        if key == AUTO_R:
+            self.metrics.record_auto_r(r, len(batch))
+        return r, batch
 
     async def _run(self, r: int, batch: list[Job]) -> None:
         started = time.monotonic()
@@ -215,8 +241,10 @@ class Batcher:
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
         self.metrics.record_batch(r, len(batch), elapsed)
+        if self.auto is not None:
+            self.auto.costs.observe(r, len(batch), elapsed)
         for output, job in zip(outputs, batch):
-            self._settle(job, BatchResult(output, len(batch), started - job.enqueued, elapsed))
+            self._settle(job, BatchResult(output, r, len(batch), started - job.enqueued, elapsed))
 
     def _compute(self, r: int, items: list[Any]) -> Sequence[Any]:
         outputs = self.run_batch(r, items)
@@ -236,8 +264,8 @@ class Batcher:
         else:
             job.future.set_result(outcome)
 
-    def _set_depth(self, r: int) -> None:
-        self.metrics.queue_depth.labels(r=str(r)).set(len(self._queues[r]))
+    def _set_depth(self, key: QueueKey) -> None:
+        self.metrics.queue_depth.labels(r=str(key)).set(len(self._queues[key]))
 
 
 def _log_crash(task: asyncio.Task) -> None:

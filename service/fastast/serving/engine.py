@@ -31,6 +31,7 @@ from fastast.audio import frame_length, window_samples
 from fastast.errors import FastASTError
 from fastast.features import model_input
 from fastast.serving import protocol
+from fastast.serving.auto_r import AutoR, CostModel, auto_ladder
 from fastast.serving.backend import Backend, load_backend
 from fastast.serving.batcher import (
     BatchFailedError,
@@ -64,10 +65,25 @@ def served_max_r(settings: ServeSettings, backend: Backend) -> int:
     max_r = backend.max_r if settings.max_r is None else settings.max_r
     if max_r > backend.max_r:
         raise FastASTError(f"--max-r {max_r} exceeds the model's limit of {backend.max_r} (half its patch tokens)")
-    if settings.default_r > max_r:
-        raise FastASTError(f"--default-r {settings.default_r} exceeds --max-r {max_r}")
-    backend.check_r(settings.default_r)
+    for name, r in (("--default-r", settings.default_r), ("--auto-max-r", settings.auto_max_r)):
+        if isinstance(r, int) and r > max_r:
+            raise FastASTError(f"{name} {r} exceeds --max-r {max_r}")
+    if isinstance(settings.default_r, int):
+        backend.check_r(settings.default_r)
     return max_r
+
+
+def served_auto_r(settings: ServeSettings, backend: Backend, max_r: int) -> list[int]:
+    """The ladder r=auto chooses from (fastast.serving.auto_r.auto_ladder), within what the backend can run."""
+    ladder = auto_ladder(backend.card, max_r, settings.auto_max_drop, settings.auto_max_r)
+    if backend.r_values is not None:
+        ladder = [r for r in ladder if r in backend.r_values]
+    if settings.default_r == "auto" and len(ladder) < 2:
+        raise FastASTError(
+            "--default-r auto needs at least two r values to choose from: the card's r table (fastast evaluate "
+            "--write-card) or --auto-max-r, and for ONNX an exported graph for each"
+        )
+    return ladder if len(ladder) >= 2 else []
 
 
 class Engine:
@@ -76,6 +92,7 @@ class Engine:
         self.backend = backend
         self.metrics = metrics
         self.max_r = served_max_r(settings, backend)
+        self.auto_r = served_auto_r(settings, backend, self.max_r)
         spec = backend.card.input
         self.window = window_samples(spec.target_length, spec.sample_rate)
         self.min_samples = frame_length(spec.sample_rate)
@@ -90,7 +107,7 @@ class Engine:
 
     def info(self) -> protocol.EngineInfo:
         backend = self.backend
-        return protocol.EngineInfo(backend.name, backend.device, backend.dtype, self.max_r, backend.r_values)
+        return protocol.EngineInfo(backend.name, backend.device, backend.dtype, self.max_r, backend.r_values, self.auto_r)
 
     # ---- life cycle ----------------------------------------------------------------------------------------------
 
@@ -101,12 +118,16 @@ class Engine:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(address)
+        auto = None
+        if self.auto_r:
+            auto = AutoR(self.auto_r, CostModel(self.auto_r, settings.max_batch_size), settings.slo_ms / 1000)
         self.batcher = Batcher(
             self._run_batch,
             self.metrics,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
+            auto=auto,
         )
         self.batcher.start()
         loop = asyncio.get_running_loop()
@@ -122,25 +143,43 @@ class Engine:
             context.term()
 
     async def _warm_up(self) -> None:
+        """Run every batch size at the default r and at each r=auto r; the second run of each times the cost model."""
         assert self.batcher is not None
         started = time.monotonic()
+        auto = self.batcher.auto
+        sizes = warmup_batch_sizes(self.settings.max_batch_size)
+        default = [self.settings.default_r] if isinstance(self.settings.default_r, int) else []
         try:
-            for size in warmup_batch_sizes(self.settings.max_batch_size):
-                clips = [Clip(np.zeros(self.window, dtype=np.float32), 1)] * size
-                await self.batcher.call(lambda c=clips: self._run_batch(self.settings.default_r, c))
+            for r in sorted({*default, *self.auto_r}):
+                seconds = [await self._timed_batch(r, size, runs=2 if r in self.auto_r else 1) for size in sizes]
+                if auto is not None and r in self.auto_r:
+                    auto.costs.fit(r, sizes, seconds)
         except Exception as exc:
             log.exception("warm-up failed")
             self._set_state(protocol.EngineState(warmup_error=f"warm-up failed: {type(exc).__name__}: {exc}"))
             return
         log.info(
-            "ready: %s on %s (%s), warmed up for batch sizes up to %d in %.1f s",
+            "ready: %s on %s (%s), warmed up for batch sizes up to %d%s in %.1f s",
             self.backend.card.name,
             self.backend.device,
             self.backend.dtype,
             self.settings.max_batch_size,
+            f" and r=auto over r {self.auto_r}" if self.auto_r else "",
             time.monotonic() - started,
         )
-        self._set_state(protocol.EngineState(ready=True))
+        throughput = {str(r): round(auto.costs.samples_per_s(r), 2) for r in self.auto_r} if auto is not None else {}
+        self._set_state(protocol.EngineState(ready=True, samples_per_s=throughput))
+
+    async def _timed_batch(self, r: int, size: int, runs: int) -> float:
+        """Seconds the last of `runs` batches of `size` silent windows took at r, on the inference thread."""
+        assert self.batcher is not None
+        clips = [Clip(np.zeros(self.window, dtype=np.float32), 1)] * size
+        seconds = 0.0
+        for _ in range(runs):
+            started = time.perf_counter()
+            await self.batcher.call(lambda: self._run_batch(r, clips))
+            seconds = time.perf_counter() - started
+        return seconds
 
     async def _track_busy(self) -> None:
         """fastast_engine_busy_ratio: the share of the last BUSY_WINDOW_S seconds spent computing batches."""
@@ -190,6 +229,9 @@ class Engine:
             detail = f"PCM of {len(pcm)} samples; the engine takes {self.min_samples} to {self.window}"
             self._reply(worker, protocol.Result(header.id, 400, code="invalid_audio", detail=detail))
             return
+        if header.r is None and not self.auto_r:
+            self._reply(worker, protocol.Result(header.id, 422, code="invalid_parameter", detail="r=auto is not available"))
+            return
         try:
             job = self.batcher.submit(Clip(pcm, header.top_k), header.r, header.deadline)
         except QueueFullError as exc:
@@ -214,7 +256,9 @@ class Engine:
         error = future.exception()
         if error is None:
             result = future.result()
-            answer = protocol.Result(request_id, 200, result.output, result.batch_size, result.queue_s, result.inference_s)
+            answer = protocol.Result(
+                request_id, 200, result.output, result.r, result.batch_size, result.queue_s, result.inference_s
+            )
         elif isinstance(error, DeadlineExceededError):
             answer = protocol.Result(request_id, 504, code="timeout", detail="the request's deadline passed before it could run")
         elif isinstance(error, CancelledJobError):

@@ -83,9 +83,9 @@ class EngineClient:
         self._context.term()
 
     async def classify(
-        self, pcm: np.ndarray, r: int, top_k: int, deadline: float, disconnected: asyncio.Future | None = None
+        self, pcm: np.ndarray, r: int | None, top_k: int, deadline: float, disconnected: asyncio.Future | None = None
     ) -> protocol.Result:
-        """The engine's Result for one clip (any status); ClientGoneError when `disconnected` completes first."""
+        """The engine's Result for one clip (any status; r None: r=auto); ClientGoneError when `disconnected` completes first."""
         if not self.alive:
             raise EngineUnavailableError("the inference engine is not running")
         request_id = next(self._ids)

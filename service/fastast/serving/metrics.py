@@ -7,8 +7,9 @@ that variable (one process, as in the in-process tests) each app has its own Col
 in one process do not collide. Workers record the request series and the decode stage; the engine records
 batches, queues, the fbank and model stages and its busy ratio.
 
-Label values are bounded: `r` is an integer within the served range or "invalid", `status` is one of STATUSES,
-`stage` one of STAGES; no user-supplied string ever becomes a label.
+Label values are bounded: `r` is an integer within the served range (the r a batch actually ran at, also for
+r=auto requests), "auto" (the r=auto queue, and auto requests that never ran) or "invalid"; `status` is one of
+STATUSES, `stage` one of STAGES; no user-supplied string ever becomes a label.
 
 Derived quantities: samples/s per r = rate(fastast_samples_total), mean batch size per r =
 rate(fastast_batch_size_sum) / rate(fastast_batch_size_count), latency percentiles via histogram_quantile.
@@ -38,6 +39,7 @@ disable_created_metrics()
 # cancelled: the client went away while its request was queued (never computed).
 STATUSES = ("ok", "bad_request", "rejected", "timeout", "error", "cancelled")
 INVALID_R = "invalid"
+AUTO_R = "auto"
 # decode: upload bytes -> mono PCM at the model's rate (API workers); fbank: PCM -> normalized features and
 # model: features -> scores, both per batch in the engine.
 STAGES = ("decode", "fbank", "model")
@@ -46,6 +48,8 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 BUSY_WINDOW_S = 10.0
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 STAGE_BUCKETS = (0.0001, 0.0002, 0.0005, *LATENCY_BUCKETS)  # decoding a short clip takes well under 1 ms
+# r values r=auto may choose: every small r, then coarser (the mean r is exact anyway: _sum / _count).
+AUTO_R_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128)
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -104,6 +108,12 @@ class ServingMetrics:
             buckets=STAGE_BUCKETS,
             registry=registry,
         )
+        self.auto_r = Histogram(
+            "fastast_auto_r",
+            "The r the r=auto controller chose, one observation per auto request",
+            buckets=AUTO_R_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "fastast_queue_depth", "Requests waiting in the queue of each r", ["r"], registry=registry, multiprocess_mode="livesum"
         )
@@ -133,6 +143,10 @@ class ServingMetrics:
         self.samples.labels(r=label).inc(size)
         self.batch_size.labels(r=label).observe(size)
         self.inference_duration.labels(r=label).observe(seconds)
+
+    def record_auto_r(self, r: int, requests: int) -> None:
+        for _ in range(requests):
+            self.auto_r.observe(r)
 
     def record_stage(self, stage: str, seconds: float) -> None:
         self.stage_duration.labels(stage=stage).observe(seconds)

@@ -43,18 +43,20 @@ class EngineInfo:
     dtype: str
     max_r: int  # the largest r that still merges something
     r_values: list[int] | None  # the only r the backend can run (ONNX graphs), or None for any r up to max_r
+    auto_r: list[int]  # the r values r=auto chooses from; empty when r=auto is not available
 
 
 @dataclass(frozen=True)
 class EngineState:
     ready: bool = False  # loaded and warmed up for every batch size
     warmup_error: str | None = None
+    samples_per_s: dict[str, float] = field(default_factory=dict)  # per auto r, full batches, measured at warm-up
 
 
 @dataclass(frozen=True)
 class ClassifyHeader:
     id: int
-    r: int
+    r: int | None  # None: r=auto
     top_k: int
     deadline: float  # time.monotonic(); CLOCK_MONOTONIC is shared by every process of the host
 
@@ -66,6 +68,7 @@ class Result:
     id: int
     status: int
     labels: list[tuple[int, float]] = field(default_factory=list)  # (class index, score), best first
+    r: int | None = None  # the r the request ran at
     batch_size: int = 0
     queue_s: float = 0.0
     inference_s: float = 0.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -23,7 +23,7 @@ class Timing(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
-    r: int = Field(description="the ToMe r this request ran at")
+    r: int = Field(description="the ToMe r this request ran at (for r=auto: the r the controller chose)")
     labels: list[LabelScore] = Field(description="the top_k classes, highest score first")
     batch_size: int = Field(description="requests in the batch this one ran in (all at the same r)")
     timing_ms: Timing
@@ -32,7 +32,27 @@ class ClassifyResponse(BaseModel):
 class RRange(BaseModel):
     min: int = 0
     max: int
-    default: int
+    default: int | Literal["auto"]
+
+
+class AutoSettings(BaseModel):
+    """How r=auto chooses: the smallest r of `ladder` at which the auto backlog meets the latency target."""
+
+    slo_ms: float = Field(description="p99 latency target of r=auto requests")
+    max_drop: float = Field(description="largest accuracy drop (points, from the card's r table) auto may accept")
+    max_r: int = Field(description="the highest r auto uses")
+    ladder: list[int] = Field(description="the r values auto chooses from (Pareto-optimal ones up to max_r)")
+
+
+class ParetoPoint(BaseModel):
+    r: int
+    metric: str = Field(description="accuracy or mAP, from the card's r table")
+    value: float
+    drop: float | None = Field(description="value at r=0 minus value at this r")
+    samples_per_s: float | None = Field(description="from the card's r table")
+    live_samples_per_s: float | None = Field(description="measured by this server at warm-up, in full batches (auto r only)")
+    pareto_optimal: bool = Field(description="no other r is at least as accurate and as fast, and better in one")
+    auto: bool = Field(description="r=auto may choose this r")
 
 
 class BackendInfo(BaseModel):
@@ -60,6 +80,8 @@ class ModelInfo(BaseModel):
     labels: list[Label]
     r_table: list[RTableRow] = Field(description="measured accuracy and speed per r, when known")
     r: RRange = Field(description="the r values a request may ask for, and the one used when it gives none")
+    auto: AutoSettings | None = Field(description="r=auto's settings; null when r=auto is not available")
+    pareto: list[ParetoPoint] = Field(description="the accuracy/speed trade-off of these weights, per r of the card")
     backend: BackendInfo
     limits: Limits
     weights_sha256: str

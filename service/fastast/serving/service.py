@@ -20,19 +20,21 @@ from starlette.requests import ClientDisconnect
 
 from fastast.audio import load_audio, window_samples
 from fastast.errors import AudioLimitError, InvalidAudioError
-from fastast.model.card import ModelCard
+from fastast.model.card import ModelCard, pareto_optimal
 from fastast.serving import protocol
 from fastast.serving.engine_client import ClientGoneError, EngineClient, EngineUnavailableError
 from fastast.serving.errors import ServiceError
 from fastast.serving.intake import read_upload
-from fastast.serving.metrics import INVALID_R, ServingMetrics
+from fastast.serving.metrics import AUTO_R, INVALID_R, ServingMetrics
 from fastast.serving.params import parse_int, parse_timeout_ms
 from fastast.serving.schemas import (
+    AutoSettings,
     BackendInfo,
     ClassifyResponse,
     LabelScore,
     Limits,
     ModelInfo,
+    ParetoPoint,
     RRange,
     Timing,
 )
@@ -142,10 +144,10 @@ class Service:
         r_label, status = INVALID_R, 500
         try:
             r = self._parse_r(request)
-            r_label = str(r)
+            r_label = AUTO_R if r is None else str(r)
             top_k = self._parse_top_k(request)
             result = await self._run(request, r, top_k, self._deadline(request, started))
-            status = 200
+            r_label, status = str(result.r), 200
         except ServiceError as exc:
             status = exc.status
             raise
@@ -154,7 +156,7 @@ class Service:
         labels = self.card.labels
         return ClassifyResponse(
             model=self.card.name,
-            r=r,
+            r=result.r,
             labels=[LabelScore(label=labels[i].display_name, index=i, score=s) for i, s in result.labels],
             batch_size=result.batch_size,
             timing_ms=Timing(
@@ -164,8 +166,19 @@ class Service:
             ),
         )
 
-    def _parse_r(self, request: Request) -> int:
-        r = parse_int(request.query_params.get("r"), "r")
+    def _parse_r(self, request: Request) -> int | None:
+        """The requested r, or None for r=auto (the engine's controller picks it per batch)."""
+        raw = request.query_params.get("r")
+        if raw is None and self.settings.default_r == "auto" or raw == AUTO_R:
+            if not self.info.auto_r:
+                raise ServiceError(
+                    422,
+                    "invalid_parameter",
+                    "r=auto is not available for this model: its card has no r table (fastast evaluate --write-card) "
+                    "and the server was started without --auto-max-r",
+                )
+            return None
+        r = parse_int(raw, "r")
         r = self.settings.default_r if r is None else r
         info = self.info
         if info.r_values is not None and r not in info.r_values:
@@ -188,7 +201,7 @@ class Service:
         asked = parse_timeout_ms(request.headers.get(TIMEOUT_HEADER), self.settings.timeout_s)
         return started + (self.settings.timeout_s if asked is None else asked)
 
-    async def _run(self, request: Request, r: int, top_k: int, deadline: float) -> protocol.Result:
+    async def _run(self, request: Request, r: int | None, top_k: int, deadline: float) -> protocol.Result:
         refusal = self.readiness()
         if refusal is not None:
             raise refusal
@@ -259,6 +272,8 @@ class Service:
             labels=card.labels,
             r_table=card.r_table,
             r=RRange(min=0, max=info.max_r, default=settings.default_r),
+            auto=self._auto_settings(),
+            pareto=self._pareto(),
             backend=BackendInfo(name=info.backend, device=info.device, dtype=info.dtype),
             limits=Limits(
                 max_batch_size=settings.max_batch_size,
@@ -272,6 +287,32 @@ class Service:
             ),
             weights_sha256=card.weights_sha256,
         )
+
+
+    def _auto_settings(self) -> AutoSettings | None:
+        auto_r, settings = self.info.auto_r, self.settings
+        if not auto_r:
+            return None
+        return AutoSettings(slo_ms=settings.slo_ms, max_drop=settings.auto_max_drop, max_r=auto_r[-1], ladder=auto_r)
+
+    def _pareto(self) -> list[ParetoPoint]:
+        rows = self.card.own_rows()
+        timed = [row for row in rows if row.samples_per_s is not None]
+        optimal = dict(zip((row.r for row in timed), pareto_optimal([(row.value, row.samples_per_s) for row in timed])))
+        live = self.engine.state.samples_per_s
+        return [
+            ParetoPoint(
+                r=row.r,
+                metric=row.metric,
+                value=row.value,
+                drop=row.drop,
+                samples_per_s=row.samples_per_s,
+                live_samples_per_s=live.get(str(row.r)),
+                pareto_optimal=optimal.get(row.r, False),
+                auto=row.r in self.info.auto_r,
+            )
+            for row in rows
+        ]
 
 
 async def _disconnected(request: Request) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,8 +20,15 @@ class ServeSettings(BaseSettings):
     model: Path = Field(Path("model_store/default"), description="model_store folder (model.safetensors + card.json)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
-    default_r: int = Field(0, ge=0, description="ToMe r for requests that give none")
+    default_r: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(0, description="ToMe r for requests that give none, or auto")
     max_r: int | None = Field(None, ge=0, description="largest r a request may ask for (default: half the model's patch tokens)")
+    slo_ms: float = Field(
+        200.0, gt=0, description="r=auto: the p99 latency target; auto requests take the smallest r that meets it"
+    )
+    auto_max_drop: float = Field(
+        1.0, ge=0, description="r=auto: the largest accuracy drop (points, from the card's r table) auto may accept"
+    )
+    auto_max_r: int | None = Field(None, ge=0, description="r=auto: the highest r auto may use (overrides --auto-max-drop)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="requests per batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued request waits for its batch to fill")
     max_queue: int = Field(256, ge=1, description="requests admitted but not yet in a batch (all r together); beyond: 429")

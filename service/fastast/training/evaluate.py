@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fastast.model.card import ModelCard, RTableRow
+from fastast.model.card import ModelCard, RTableRow, mark_pareto
 
 
 def accuracy(scores: Tensor, targets: Tensor) -> float:
@@ -147,7 +147,7 @@ def run_evaluation(
 def write_r_table(
     model_dir: str | Path, rows: Sequence[RTableRow], variant: str | None, evaluated: str | Path | None = None
 ) -> ModelCard:
-    """Replace the card's rows of this variant; the weights (and their sha256) are untouched.
+    """Replace the card's rows of this variant and mark each variant's Pareto-optimal r; the weights are untouched.
 
     Rows measured on other weights (`evaluated`, e.g. the Train+Inf sibling of a shipped model) say which.
     """
@@ -158,6 +158,6 @@ def write_r_table(
         note = {"model": source.name, "weights_sha256": source.weights_sha256}
         rows = [row.model_copy(update=note) for row in rows]
     kept = [row for row in card.r_table if row.variant != variant]
-    card = card.model_copy(update={"r_table": kept + list(rows)})
+    card = card.model_copy(update={"r_table": mark_pareto(kept + list(rows))})
     card.save(path)
     return card
