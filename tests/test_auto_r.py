@@ -12,7 +12,7 @@ import pytest
 from fastast.errors import FastASTError
 from fastast.model.card import ModelCard, RTableRow, mark_pareto, pareto_optimal
 from fastast.serving.app import create_app
-from fastast.serving.auto_r import AutoR, CostModel, auto_ladder
+from fastast.serving.auto_r import DOWN_DWELL_S, AutoR, CostModel, auto_ladder
 from fastast.serving.backend import load_torch_backend
 from fastast.serving.batcher import Batcher
 from fastast.serving.metrics import ServingMetrics
@@ -98,15 +98,17 @@ def test_controller_picks_the_smallest_r_that_drains_the_backlog_within_budget()
     assert auto.choose([now - 0.1] * 64, now) == 8
 
 
-def test_controller_holds_r_until_a_lower_r_has_room_to_spare():
+def test_controller_steps_down_one_level_at_a_time_and_only_with_room_to_spare():
     auto = AutoR([0, 4, 8], linear_costs([0, 4, 8], 8, PER_ITEM), slo_s=0.2)
     now = 100.0
-    assert auto.choose([now] * 16, now) == 4
-    # 12 requests: r=0 would meet the budget (2 batches: 82 + 42 = 124 ms < 150), but not half of it: r stays 4.
-    assert auto.choose([now] * 12, now) == 4
-    # A light backlog and a low rate: back to r=0 (4 clips at r=0: 42 ms < 75 ms; 100 clips/s > 1.25 x rate).
-    later = now + 5  # the earlier arrivals have left the rate window
-    assert auto.choose([later] * 4, later) == 0
+    assert auto.choose([now - 0.04] * 24, now) == 8
+    # 12 requests at once: r=0 would meet the budget (2 batches end at 82 + 42 = 124 ms < 150), but r holds for
+    # DOWN_DWELL_S after a change, then falls only where half the budget is met (124 ms > 75 ms at r=0; 76 ms
+    # at r=4 either): it stays at 8.
+    assert auto.choose([now + 0.1] * 12, now + 0.1) == 8
+    assert auto.choose([now + 1] * 12, now + 1) == 8
+    # A light backlog: one step per DOWN_DWELL_S, 8 -> 4 -> 0, never straight to 0.
+    assert [auto.choose([t] * 4, t) for t in (now + 2, now + 2.1, now + 2.6)] == [4, 4, 0]
 
 
 def test_controller_raises_r_when_the_arrival_rate_exceeds_r0_capacity():
@@ -148,8 +150,10 @@ def test_auto_queue_runs_a_burst_at_a_higher_r_and_a_lone_request_at_r0():
             deadline = time.monotonic() + 30
             burst = [batcher.submit(i, None, deadline) for i in range(24)]
             burst_results = [await job.future for job in burst]
-            await asyncio.sleep(1.2)  # the burst leaves the rate window
-            lone = await batcher.submit("lone", None, deadline).future
+            lone = []
+            for _ in range(2):  # r steps down one ladder level per DOWN_DWELL_S once the burst has gone
+                await asyncio.sleep(DOWN_DWELL_S + 0.1)
+                lone.append(await batcher.submit("lone", None, deadline).future)
             fixed = await batcher.submit("fixed", 4, deadline).future
         finally:
             await batcher.close()
@@ -158,9 +162,9 @@ def test_auto_queue_runs_a_burst_at_a_higher_r_and_a_lone_request_at_r0():
     burst, lone, fixed, metrics = asyncio.run(scenario())
     assert {result.r for result in burst} == {8}  # 24 at r=0 would take 3 x 82 = 246 ms > 150 ms planned
     assert [result.output for result in burst] == list(range(24))
-    assert (lone.r, lone.output, fixed.r) == (0, "lone", 4)
-    assert batches[-2:] == [(0, 1), (4, 1)]
-    assert metrics.auto_r._sum.get() == 8 * 24  # one observation per auto request, at the r it ran at
+    assert [(result.r, result.output) for result in lone] == [(4, "lone"), (0, "lone")] and fixed.r == 4
+    assert batches[-3:] == [(4, 1), (0, 1), (4, 1)]
+    assert metrics.auto_r._sum.get() == 8 * 24 + 4  # one observation per auto request, at the r it ran at
     assert [r for r, _ in batches].count(8) == 3
 
 

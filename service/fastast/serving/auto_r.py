@@ -9,14 +9,16 @@ little less accurately instead of refusing some. The controller runs in the engi
 - The cost model: seconds per batch for each (r, batch size) on the ladder, measured at warm-up and then updated
   from every batch the engine runs (an exponential moving average), so it follows the host's real load.
 - The choice: at each batch, the smallest r at which the whole auto backlog, drained in full batches from the
-  oldest request on, would finish within the planning budget, and whose throughput in full batches keeps up with
+  oldest request on, would finish within the planning budget (counted from when each request reached the
+  service, so time spent uploading and decoding counts too), and whose throughput in full batches keeps up with
   the auto arrival rate. If none does, the highest r (the bounded queue then sheds with 429s, as without
-  auto). Hysteresis: r rises at once, but falls only when the lower r meets half the budget with a quarter of
-  spare capacity, so r does not flap between neighbouring values.
+  auto). Hysteresis: r rises at once, but falls one ladder step at a time, at most once per DOWN_DWELL_S, and
+  only when the lower r meets half the budget with a quarter of spare capacity, so r does not flap.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -32,9 +34,12 @@ PLAN_SHARE = 0.75
 # Falling back to a lower r needs this share of the budget and this much spare capacity (the hysteresis).
 DOWN_BUDGET_SHARE = 0.5
 DOWN_SPARE_CAPACITY = 1.25
+DOWN_DWELL_S = 0.5  # r stays at least this long at a level before it steps down
 RATE_WINDOW_S = 1.0  # arrivals counted over this window estimate the auto request rate
 COST_SMOOTHING = 0.2  # weight of a new batch time in the cost model's moving average
 MAX_LADDER = 8  # r values auto may use, at most (each one is warmed up for every batch size)
+
+log = logging.getLogger("fastast.engine")
 
 
 class AutoUnavailableError(ValueError):
@@ -102,6 +107,7 @@ class AutoR:
         self.costs = costs
         self.budget_s = PLAN_SHARE * slo_s
         self.r = self.ladder[0]
+        self._changed = -math.inf  # when r last changed
         self._arrivals: deque[float] = deque()
 
     def arrived(self, now: float) -> None:
@@ -114,15 +120,23 @@ class AutoR:
         return len(self._arrivals) / RATE_WINDOW_S
 
     def choose(self, enqueued: Sequence[float], now: float | None = None) -> int:
-        """The r for the next auto batch, given the arrival times of the queued auto requests, oldest first."""
+        """The r for the next auto batch, given when the queued auto requests arrived, oldest first."""
         now = time.monotonic() if now is None else now
         rate = self.rate(now)
         needed = self._smallest(enqueued, now, self.budget_s, rate)
-        if needed >= self.r:
+        previous = self.r
+        if needed > self.r:
             self.r = needed
-        else:
+        elif needed < self.r and now - self._changed >= DOWN_DWELL_S:
             relaxed = self._smallest(enqueued, now, DOWN_BUDGET_SHARE * self.budget_s, DOWN_SPARE_CAPACITY * rate)
-            self.r = min(self.r, relaxed)
+            if relaxed < self.r:
+                self.r = self.ladder[self.ladder.index(self.r) - 1]
+        if self.r == previous:
+            return self.r
+        self._changed = now
+        if log.isEnabledFor(logging.DEBUG):
+            costs = ", ".join(f"r={r}: {1e3 * self.worst_latency(r, enqueued, now):.0f} ms / {self.costs.samples_per_s(r):.0f} S/s" for r in self.ladder)
+            log.debug("r=auto %d -> %d: %d queued, %.0f/s arriving; drain time and capacity %s", previous, self.r, len(enqueued), rate, costs)
         return self.r
 
     def _smallest(self, enqueued: Sequence[float], now: float, budget_s: float, rate: float) -> int:

@@ -75,6 +75,7 @@ class Job:
     deadline: float  # time.monotonic()
     future: asyncio.Future[BatchResult]
     enqueued: float = field(default_factory=time.monotonic)
+    arrived: float | None = None  # when the request reached the service, if before it was queued
     state: JobState = JobState.QUEUED
     expiry: asyncio.TimerHandle | None = None
 
@@ -134,10 +135,11 @@ class Batcher:
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, item: Any, r: int | None, deadline: float) -> Job:
+    def submit(self, item: Any, r: int | None, deadline: float, arrived: float | None = None) -> Job:
         """Queue one request (r None: r=auto); QueueFullError at once when max_queue requests already wait.
 
-        Await job.future.
+        `arrived`: when the request reached the service (before its upload and decode), so that r=auto plans
+        for the latency its client sees. Await job.future.
         """
         if r is None and self.auto is None:
             raise ValueError("r=auto needs a controller")
@@ -145,7 +147,7 @@ class Batcher:
             raise QueueFullError(f"{self._queued} requests are already waiting (max_queue {self.max_queue})")
         loop = asyncio.get_running_loop()
         key: QueueKey = AUTO_R if r is None else r
-        job = Job(item, key, deadline, loop.create_future())
+        job = Job(item, key, deadline, loop.create_future(), arrived=arrived)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self._settle(job, DeadlineExceededError())
@@ -210,7 +212,7 @@ class Batcher:
         queue = self._queues[key]
         if key == AUTO_R:
             assert self.auto is not None
-            r = self.auto.choose([job.enqueued for job in queue], now)
+            r = self.auto.choose([job.enqueued if job.arrived is None else job.arrived for job in queue], now)
         else:
             r = int(key)
         batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]

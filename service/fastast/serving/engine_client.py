@@ -83,13 +83,19 @@ class EngineClient:
         self._context.term()
 
     async def classify(
-        self, pcm: np.ndarray, r: int | None, top_k: int, deadline: float, disconnected: asyncio.Future | None = None
+        self,
+        pcm: np.ndarray,
+        r: int | None,
+        top_k: int,
+        arrived: float,
+        deadline: float,
+        disconnected: asyncio.Future | None = None,
     ) -> protocol.Result:
         """The engine's Result for one clip (any status; r None: r=auto); ClientGoneError when `disconnected` completes first."""
         if not self.alive:
             raise EngineUnavailableError("the inference engine is not running")
         request_id = next(self._ids)
-        header = protocol.encode(protocol.ClassifyHeader(request_id, r, top_k, deadline))
+        header = protocol.encode(protocol.ClassifyHeader(request_id, r, top_k, arrived, deadline))
         future: asyncio.Future[protocol.Result] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:

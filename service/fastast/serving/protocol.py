@@ -58,6 +58,7 @@ class ClassifyHeader:
     id: int
     r: int | None  # None: r=auto
     top_k: int
+    arrived: float  # when the worker began reading the request, time.monotonic()
     deadline: float  # time.monotonic(); CLOCK_MONOTONIC is shared by every process of the host
 
 

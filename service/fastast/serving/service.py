@@ -146,7 +146,7 @@ class Service:
             r = self._parse_r(request)
             r_label = AUTO_R if r is None else str(r)
             top_k = self._parse_top_k(request)
-            result = await self._run(request, r, top_k, self._deadline(request, started))
+            result = await self._run(request, r, top_k, started, self._deadline(request, started))
             r_label, status = str(result.r), 200
         except ServiceError as exc:
             status = exc.status
@@ -201,7 +201,7 @@ class Service:
         asked = parse_timeout_ms(request.headers.get(TIMEOUT_HEADER), self.settings.timeout_s)
         return started + (self.settings.timeout_s if asked is None else asked)
 
-    async def _run(self, request: Request, r: int | None, top_k: int, deadline: float) -> protocol.Result:
+    async def _run(self, request: Request, r: int | None, top_k: int, arrived: float, deadline: float) -> protocol.Result:
         refusal = self.readiness()
         if refusal is not None:
             raise refusal
@@ -210,7 +210,7 @@ class Service:
             pcm = await self._audio(request, deadline)
             disconnected = asyncio.ensure_future(_disconnected(request))
             try:
-                result = await self.engine.classify(pcm, r, top_k, deadline, disconnected)
+                result = await self.engine.classify(pcm, r, top_k, arrived, deadline, disconnected)
             finally:
                 disconnected.cancel()
         except (ClientDisconnect, ClientGoneError):
