@@ -10,7 +10,7 @@ import pytest
 
 from fastast.errors import InvalidWindowError
 from fastast.model.card import Label
-from fastast.windows import aggregate, hop_samples, resolve_aggregate, split, timeline, top_k, window_starts
+from fastast.windows import Windowing, aggregate, hop_samples, resolve_aggregate, top_k, window_starts
 
 LABELS = [Label(index=i, mid=f"/m/{i}", display_name=name) for i, name in enumerate(["a", "b", "c"])]
 
@@ -35,17 +35,35 @@ def test_window_starts(n_samples, window, hop, starts):
     assert len(starts) == 1 or starts[-2] + window < n_samples  # and no window adds nothing
 
 
-@pytest.mark.parametrize(("window", "hop"), [(10, 0), (10, -1), (10, 11), (0, 0)])
+@pytest.mark.parametrize(("window", "hop"), [(10, 0), (10, -1), (10, 11)])
 def test_window_starts_refuse_a_bad_hop(window, hop):
     with pytest.raises(ValueError, match="hop must be"):
         window_starts(100, window, hop)
 
 
+def test_window_starts_drop_a_tail_shorter_than_min_last():
+    assert window_starts(23, 10, 10, min_last=4) == [0, 10]  # a 3-sample tail would be all padding
+    assert window_starts(24, 10, 10, min_last=4) == [0, 10, 20]
+    assert window_starts(3, 10, 10, min_last=4) == [0]  # the first window always stays
+
+
+def test_windowing_for_the_default_model():
+    windowing = Windowing.for_input(target_length=128, sample_rate=16000)
+    assert (windowing.window, windowing.hop) == (20720, 10360)  # 1.295 s, half of it
+    assert windowing.starts(20720) == [0] and windowing.starts(20721) == [0, 10360]
+    no_overlap = Windowing.for_input(128, 16000, hop_s=1.295)
+    assert no_overlap.starts(2 * 20720 + 399) == [0, 20720]  # a tail under one 25 ms frame gets no window
+    assert no_overlap.starts(2 * 20720 + 400) == [0, 20720, 41440]
+    assert Windowing.for_input(128, 16000, hop_s=0.5).hop == 8000
+    with pytest.raises(InvalidWindowError):
+        Windowing.for_input(128, 16000, hop_s=2.0)
+
+
 def test_split_gives_views():
     pcm = np.arange(25, dtype=np.float32)
-    parts = split(pcm, 10, 5)
+    parts = Windowing(window=10, hop=5, sample_rate=100).split(pcm)  # min_last: one 2-sample frame
     assert [len(part) for part in parts] == [10, 10, 10, 10]
-    parts = split(pcm[:22], 10, 6)
+    parts = Windowing(window=10, hop=6, sample_rate=100).split(pcm[:22])
     assert [part[0] for part in parts] == [0, 6, 12] and len(parts[-1]) == 10
     assert all(np.shares_memory(part, pcm) for part in parts)
 
@@ -93,11 +111,12 @@ def test_top_k():
 
 def test_timeline_clips_the_last_window_to_the_audio():
     scores = np.array([[0.9, 0.0, 0.1], [0.0, 0.8, 0.2], [0.1, 0.1, 0.7]], dtype=np.float32)
-    entries = timeline(scores, n_samples=30000, window=16000, hop=8000, sample_rate=16000, labels=LABELS, k=1)
+    windowing = Windowing(window=16000, hop=8000, sample_rate=16000)
+    entries = windowing.timeline(scores, n_samples=30000, labels=LABELS, k=1)
     assert [(e["start_s"], e["end_s"]) for e in entries] == [(0.0, 1.0), (0.5, 1.5), (1.0, 1.875)]
     assert [e["labels"][0]["label"] for e in entries] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="2 rows of scores for 3 windows"):
-        timeline(scores[:2], 30000, 16000, 8000, 16000, LABELS, 1)
+        windowing.timeline(scores[:2], 30000, LABELS, 1)
 
 
 def test_no_torch():

@@ -1,7 +1,7 @@
 """Audio longer than the model's window: where the windows start, how their scores make one answer, the timeline.
 
-numpy only: the service's API workers import it without torch, and `fastast predict` and the serving engine
-share it, so a clip gets the same windows, the same clip-level answer and the same timeline on both paths.
+numpy and fastast.audio only: the service's API workers import it without torch, and `fastast predict` and the
+serving engine share it, so a clip gets the same windows, clip-level answer and timeline on both paths.
 
 A window is the model's input span, `fastast.audio.window_samples(card.input.target_length, sample_rate)`
 samples. Audio of at most one window is one window starting at 0: exactly what a model saw before windows
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fastast.audio import frame_length, window_samples
 from fastast.errors import InvalidWindowError
 
 if TYPE_CHECKING:
@@ -45,21 +47,61 @@ def hop_samples(hop_s: float | None, window: int, sample_rate: int) -> int:
     return hop
 
 
-def window_starts(n_samples: int, window: int, hop: int) -> list[int]:
+def window_starts(n_samples: int, window: int, hop: int, min_last: int = 1) -> list[int]:
     """First sample of each window: 0, hop, 2 hop, ... until a window reaches the end of the audio.
 
     At most one window of audio -> [0]. No window starts once the previous one already reaches the end, so none
-    adds nothing; the last one may be shorter than `window`. ValueError (InvalidWindowError) unless 1 <= hop <= window.
+    adds nothing; the last one may be shorter than `window`, but not than `min_last` samples (a tail that short
+    is dropped: Windowing passes one analysis frame, less gives the fbank no frame and the model only padding).
+    ValueError (InvalidWindowError) unless 1 <= hop <= window.
     """
-    if window < 1 or not 1 <= hop <= window:
+    if window < 1:
+        raise ValueError(f"a window must hold at least one sample, got {window}")
+    if not 1 <= hop <= window:
         raise InvalidWindowError(f"hop must be 1..{window} samples for a window of {window}, got {hop}")
     count = 1 + max(0, math.ceil((n_samples - window) / hop))
+    if count > 1 and n_samples - (count - 1) * hop < min_last:
+        count -= 1
     return [i * hop for i in range(count)]
 
 
-def split(pcm: np.ndarray, window: int, hop: int) -> list[np.ndarray]:
-    """The windows of `pcm` [samples] as views into it (no copies), in the order of `window_starts`."""
-    return [pcm[start : start + window] for start in window_starts(len(pcm), window, hop)]
+@dataclass(frozen=True)
+class Windowing:
+    """How audio at a model's sample rate is cut into that model's windows; build it with `for_input`."""
+
+    window: int  # samples: the model's input span
+    hop: int  # samples between window starts, 1..window
+    sample_rate: int
+
+    @classmethod
+    def for_input(cls, target_length: int, sample_rate: int, hop_s: float | None = None) -> Windowing:
+        """The windows of a model card's input (`card.input.target_length`, `.sample_rate`) at a hop in seconds."""
+        window = window_samples(target_length, sample_rate)
+        return cls(window, hop_samples(hop_s, window, sample_rate), sample_rate)
+
+    def starts(self, n_samples: int) -> list[int]:
+        return window_starts(n_samples, self.window, self.hop, min_last=frame_length(self.sample_rate))
+
+    def split(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """The windows of `pcm` [samples] as views into it (no copies), in the order of `starts`."""
+        return [pcm[start : start + self.window] for start in self.starts(len(pcm))]
+
+    def timeline(self, scores: np.ndarray, n_samples: int, labels: Sequence[Label], k: int) -> list[dict]:
+        """One entry per window: {start_s, end_s, labels: top_k}, end_s clipped to the audio, times in ms steps.
+
+        `scores` [windows, classes] are in the order of `starts(n_samples)`.
+        """
+        starts = self.starts(n_samples)
+        if len(starts) != len(scores):
+            raise ValueError(f"{len(scores)} rows of scores for {len(starts)} windows")
+        return [
+            {
+                "start_s": round(start / self.sample_rate, 3),
+                "end_s": round(min(start + self.window, n_samples) / self.sample_rate, 3),
+                "labels": top_k(row, labels, k),
+            }
+            for start, row in zip(starts, scores)
+        ]
 
 
 def resolve_aggregate(task: str, how: str | None) -> str:
@@ -94,25 +136,4 @@ def top_k(scores: np.ndarray, labels: Sequence[Label], k: int) -> list[dict]:
     return [
         {"index": int(i), "mid": labels[i].mid, "label": labels[i].display_name, "score": float(scores[i])}
         for i in order
-    ]
-
-
-def timeline(
-    scores: np.ndarray, n_samples: int, window: int, hop: int, sample_rate: int, labels: Sequence[Label], k: int
-) -> list[dict]:
-    """One entry per window of a clip of `n_samples`: {start_s, end_s, labels: top_k}, end_s clipped to the audio.
-
-    `scores` [windows, classes] are in the order of `window_starts(n_samples, window, hop)`; times are rounded
-    to the millisecond.
-    """
-    starts = window_starts(n_samples, window, hop)
-    if len(starts) != len(scores):
-        raise ValueError(f"{len(scores)} rows of scores for {len(starts)} windows")
-    return [
-        {
-            "start_s": round(start / sample_rate, 3),
-            "end_s": round(min(start + window, n_samples) / sample_rate, 3),
-            "labels": top_k(row, labels, k),
-        }
-        for start, row in zip(starts, scores)
     ]
