@@ -25,6 +25,10 @@ class InvalidRError(FastASTError, ValueError):
     """A token-merging schedule that is negative, not an integer, or of the wrong length."""
 
 
+class InvalidWindowError(FastASTError, ValueError):
+    """A window hop outside 1..window, or an aggregation the model's task cannot do."""
+
+
 class CheckpointError(FastASTError):
     """A checkpoint or model folder that is missing, malformed, or whose keys do not match the architecture."""
 
