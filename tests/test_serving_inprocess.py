@@ -76,7 +76,8 @@ def test_a_failing_batch_fails_only_its_requests(backend, speech, monkeypatch):
 
     responses, after, metrics = asyncio.run(scenario())
     failed = [response for response in responses if response.status_code == 500]
-    assert len(failed) == failures[0] >= 1  # exactly the requests of the failed batch
+    windows = after[0].json()["windows"]  # rows per request: the clip is longer than the model's window
+    assert len(failed) * windows == failures[0] >= windows  # exactly the requests with rows in the failed batch
     assert all(response.json()["error"] == "inference_failed" for response in failed)
     assert all(response.status_code == 200 for response in responses[2:])  # the other r was not affected
     assert [response.status_code for response in after] == [200, 200]  # and the server keeps serving
@@ -202,13 +203,13 @@ def test_scheduler_serves_oldest_head_first_one_r_per_batch():
 
     async def scenario(batcher: Batcher, _):
         deadline = time.monotonic() + 30
-        first = batcher.submit("A", 1, deadline)
+        first = batcher.submit(["A"], 1, deadline)
         while batcher.queued:  # wait until the first batch holds the inference thread
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
         jobs = []
         for item, r in zip("BCDEF", (2, 1, 2, 1, 1)):  # queue 2: B, D; queue 1: C, E, F; queue 2's head is older
-            jobs.append(batcher.submit(item, r, deadline))
+            jobs.append(batcher.submit([item], r, deadline))
             await asyncio.sleep(0.002)
         gate.set()
         return [await job.future for job in [first, *jobs]]
@@ -216,18 +217,18 @@ def test_scheduler_serves_oldest_head_first_one_r_per_batch():
     results = run_batcher(scenario, gated, max_batch_size=2, max_wait_s=0.0, max_queue=16)
     assert batches == [(1, 1), (2, 2), (1, 2), (1, 1)]
     assert [result.batch_size for result in results] == [1, 2, 2, 2, 2, 1]
-    assert [result.output for result in results] == list("ABCDEF")  # every request gets its own output back
+    assert [result.outputs for result in results] == [[x] for x in "ABCDEF"]  # every request gets its own output back
 
 
 def test_batch_flushes_when_full_or_when_its_head_has_waited():
     async def scenario(batcher: Batcher, _):
         deadline = time.monotonic() + 30
         started = time.monotonic()
-        full = [batcher.submit(i, 4, deadline) for i in range(3)]
+        full = [batcher.submit([i], 4, deadline) for i in range(3)]
         full_results = [await job.future for job in full]
         full_s = time.monotonic() - started
         started = time.monotonic()
-        lone = await batcher.submit(3, 4, deadline).future
+        lone = await batcher.submit([3], 4, deadline).future
         return full_results, full_s, lone, time.monotonic() - started
 
     full, full_s, lone, lone_s = run_batcher(scenario, max_batch_size=3, max_wait_s=0.5, max_queue=16)
@@ -238,16 +239,16 @@ def test_batch_flushes_when_full_or_when_its_head_has_waited():
 def test_admission_is_bounded_and_deadlines_and_cancels_free_places():
     async def scenario(batcher: Batcher, batches):
         deadline = time.monotonic() + 30
-        waiting = [batcher.submit(i, 1, deadline) for i in range(2)]
+        waiting = [batcher.submit([i], 1, deadline) for i in range(2)]
         try:
-            batcher.submit(2, 1, deadline)
+            batcher.submit([2], 1, deadline)
         except QueueFullError as exc:
             refused = exc
         batcher.cancel(waiting[0], RuntimeError("client gone"))
-        short = batcher.submit(3, 1, time.monotonic() + 0.05)  # takes the freed place, then expires while queued
+        short = batcher.submit([3], 1, time.monotonic() + 0.05)  # takes the freed place, then expires while queued
         outcomes = await asyncio.gather(waiting[0].future, short.future, return_exceptions=True)
         queued_after_expiry = batcher.queued
-        late = batcher.submit(4, 1, time.monotonic() - 1)  # already past its deadline: never queued
+        late = batcher.submit([4], 1, time.monotonic() - 1)  # already past its deadline: never queued
         return refused, outcomes, queued_after_expiry, await asyncio.gather(late.future, return_exceptions=True), batches
 
     refused, outcomes, queued, late, batches = run_batcher(scenario, max_batch_size=4, max_wait_s=1.0, max_queue=2)
@@ -255,6 +256,63 @@ def test_admission_is_bounded_and_deadlines_and_cancels_free_places():
     assert [type(o).__name__ for o in outcomes] == ["RuntimeError", "DeadlineExceededError"]
     assert queued == 1 and type(late[0]).__name__ == "DeadlineExceededError"
     assert batches == [(1, 1)]  # only the request that stayed was computed (when the queue closed)
+
+
+def test_a_long_requests_rows_interleave_with_short_requests_round_robin():
+    gate = threading.Event()
+    batches: list[list] = []
+
+    def gated(r, items):
+        gate.wait(30)
+        batches.append(list(items))
+        return [f"out-{item}" for item in items]
+
+    async def scenario(batcher: Batcher, _):
+        deadline = time.monotonic() + 30
+        first = batcher.submit(["A"], 0, deadline)
+        while batcher.queued:  # the first batch holds the inference thread
+            await asyncio.sleep(0.005)
+        long = batcher.submit([f"L{i}" for i in range(10)], 0, deadline)
+        shorts = [batcher.submit([f"S{i}"], 0, deadline) for i in range(3)]
+        queued = batcher.queued
+        gate.set()
+        return queued, await first.future, await long.future, [await job.future for job in shorts]
+
+    queued, _, long, shorts = run_batcher(scenario, gated, max_batch_size=4, max_wait_s=0.0, max_queue=16)
+    assert queued == 13  # the queue counts rows
+    # One row per request per round: the short requests go into the next batch beside the long one's first row.
+    assert batches == [["A"], ["L0", "S0", "S1", "S2"], ["L1", "L2", "L3", "L4"], ["L5", "L6", "L7", "L8"], ["L9"]]
+    assert long.outputs == [f"out-L{i}" for i in range(10)] and long.batch_size == 4
+    assert [short.outputs for short in shorts] == [[f"out-S{i}"] for i in range(3)]
+
+
+def test_cancelling_a_long_request_drops_its_rows_still_waiting():
+    gate = threading.Event()
+    batches: list[list] = []
+
+    def gated(r, items):
+        gate.wait(30)
+        batches.append(list(items))
+        return items
+
+    async def scenario(batcher: Batcher, _):
+        deadline = time.monotonic() + 30
+        long = batcher.submit([f"L{i}" for i in range(10)], 0, deadline)
+        while batcher.queued == 10:  # its first batch has started
+            await asyncio.sleep(0.005)
+        try:
+            batcher.submit(list(range(5)), 0, deadline)  # 6 rows wait, 5 more would exceed max_queue 10
+        except QueueFullError as exc:
+            refused = exc
+        cancelled = batcher.cancel(long, RuntimeError("client gone"))
+        gate.set()
+        outcome = await asyncio.gather(long.future, return_exceptions=True)
+        return refused, cancelled, outcome, batcher.queued
+
+    refused, cancelled, outcome, queued = run_batcher(scenario, gated, max_batch_size=4, max_wait_s=0.0, max_queue=10)
+    assert "6 rows are already waiting and this request has 5" in str(refused)
+    assert cancelled and type(outcome[0]).__name__ == "RuntimeError" and queued == 0
+    assert batches == [["L0", "L1", "L2", "L3"]]  # the batch under way finished; the other six rows never ran
 
 
 # ---- settings and the command ------------------------------------------------------------------------------------

@@ -46,9 +46,32 @@ CLASSIFY_OPENAPI = {
             "name": "r",
             "in": "query",
             "required": False,
-            "schema": {"type": "integer", "minimum": 0},
-            "description": "ToMe tokens merged in every block: higher is faster and less accurate. "
-            "Allowed range and default: GET /models.",
+            "schema": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "enum": ["auto"]}]},
+            "description": "ToMe tokens merged in every block: higher is faster and less accurate; or auto, to let "
+            "the server choose per batch to hold --slo-ms. Allowed range and default: GET /models.",
+        },
+        {
+            "name": "hop_s",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "audio longer than the model's window is cut into windows this many seconds apart "
+            "(default: the server's --window-hop-s, half a window; at most one window: GET /models limits)",
+        },
+        {
+            "name": "aggregate",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["mean", "max"]},
+            "description": "how the windows' scores make the clip's: multi-label models mean or max (default max), "
+            "single-label models always the mean of the probabilities",
+        },
+        {
+            "name": "timeline",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": False},
+            "description": "also answer each window's start, end and top_k labels",
         },
         {
             "name": "top_k",
@@ -91,16 +114,21 @@ def service_of(request: Request) -> Service:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
+    response_model_exclude_none=True,
     summary="Classify one audio clip at a chosen r",
     openapi_extra=CLASSIFY_OPENAPI,
     responses={
         400: _error("not audio, corrupt or truncated audio, NaN/Inf samples, an empty body, malformed multipart"),
         413: _error(
             "upload larger than --max-upload-mb (payload_too_large), audio longer than --max-audio-s (audio_too_long), "
-            "more channels than --max-channels or a sample rate above --max-sample-rate (audio_too_large)"
+            "more channels than --max-channels or a sample rate above --max-sample-rate (audio_too_large), "
+            "more windows than --max-windows (too_many_windows)"
         ),
         415: _error("a Content-Type other than multipart/form-data, audio/* or application/octet-stream"),
-        422: _error("r or top_k not a number of ASCII digits, X-Request-Timeout-Ms not a number, or out of range"),
+        422: _error(
+            "r, top_k, hop_s, aggregate, timeline or X-Request-Timeout-Ms malformed or out of range; r=auto on a "
+            "server that cannot choose r"
+        ),
         408: _error("the upload did not complete within --body-timeout-s (body_timeout)"),
         429: _error(
             "the queue is full (queue_full, --max-queue) or this worker has --max-uploads uploads in progress "
@@ -113,7 +141,7 @@ def service_of(request: Request) -> Service:
             "inference engine stopped (engine_unavailable)",
             retry_after=True,
         ),
-        504: _error("the deadline passed while the request was queued; it was not computed"),
+        504: _error("the deadline passed while the request (or windows of it) was queued; they were not computed"),
     },
 )
 async def classify(request: Request) -> ClassifyResponse:

@@ -119,36 +119,46 @@ class AutoR:
             self._arrivals.popleft()
         return len(self._arrivals) / RATE_WINDOW_S
 
-    def choose(self, enqueued: Sequence[float], now: float | None = None) -> int:
-        """The r for the next auto batch, given when the queued auto requests arrived, oldest first."""
+    def choose(self, enqueued: Sequence[float], now: float | None = None, beside: int = 0) -> int:
+        """The r for the next auto batch, given when the queued auto requests arrived, oldest first.
+
+        `beside`: rows of longer requests also waiting; they fill the batches the planned requests run in.
+        """
         now = time.monotonic() if now is None else now
         rate = self.rate(now)
-        needed = self._smallest(enqueued, now, self.budget_s, rate)
+        needed = self._smallest(enqueued, now, self.budget_s, rate, beside)
         previous = self.r
         if needed > self.r:
             self.r = needed
         elif needed < self.r and now - self._changed >= DOWN_DWELL_S:
-            relaxed = self._smallest(enqueued, now, DOWN_BUDGET_SHARE * self.budget_s, DOWN_SPARE_CAPACITY * rate)
+            relaxed = self._smallest(enqueued, now, DOWN_BUDGET_SHARE * self.budget_s, DOWN_SPARE_CAPACITY * rate, beside)
             if relaxed < self.r:
                 self.r = self.ladder[self.ladder.index(self.r) - 1]
         if self.r == previous:
             return self.r
         self._changed = now
         if log.isEnabledFor(logging.DEBUG):
-            costs = ", ".join(f"r={r}: {1e3 * self.worst_latency(r, enqueued, now):.0f} ms / {self.costs.samples_per_s(r):.0f} S/s" for r in self.ladder)
+            costs = ", ".join(
+                f"r={r}: {1e3 * self.worst_latency(r, enqueued, now, beside):.0f} ms / {self.costs.samples_per_s(r):.0f} S/s"
+                for r in self.ladder
+            )
             log.debug("r=auto %d -> %d: %d queued, %.0f/s arriving; drain time and capacity %s", previous, self.r, len(enqueued), rate, costs)
         return self.r
 
-    def _smallest(self, enqueued: Sequence[float], now: float, budget_s: float, rate: float) -> int:
+    def _smallest(self, enqueued: Sequence[float], now: float, budget_s: float, rate: float, beside: int) -> int:
         for r in self.ladder:
-            if self.costs.samples_per_s(r) >= rate and self.worst_latency(r, enqueued, now) <= budget_s:
+            if self.costs.samples_per_s(r) >= rate and self.worst_latency(r, enqueued, now, beside) <= budget_s:
                 return r
         return self.ladder[-1]
 
-    def worst_latency(self, r: int, enqueued: Sequence[float], now: float) -> float:
-        """The longest queue + compute time of the backlog if it were drained at r in full batches from now."""
+    def worst_latency(self, r: int, enqueued: Sequence[float], now: float, beside: int = 0) -> float:
+        """The longest latency in the backlog if it were drained at r from now, oldest first, in batches filled
+        up with the `beside` rows of longer requests while they last."""
         size, finished, worst = self.costs.max_batch_size, now, 0.0
         for start in range(0, len(enqueued), size):
-            finished += self.costs.seconds(r, min(size, len(enqueued) - start))
+            planned = min(size, len(enqueued) - start)
+            fill = min(size - planned, beside)
+            beside -= fill
+            finished += self.costs.seconds(r, planned + fill)
             worst = max(worst, finished - enqueued[start])
         return worst

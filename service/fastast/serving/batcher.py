@@ -1,18 +1,20 @@
 """Dynamic batching by r: one queue per r, one scheduler task, one inference thread. It runs in the engine.
 
-A batch holds requests of a single r (r changes the token count and so the model's cost and shapes), at most
-`max_batch_size` of them. A queue is ready when it is full or when its oldest request has waited `max_wait_s`;
-among ready queues the one whose head is oldest goes first, so no r starves. Batches run one at a time on a
-single inference thread: the model is on one device, and torch releases the GIL while it computes, so the event
-loop keeps taking requests (and refusing them when full) meanwhile.
+A request is one or more rows (windows of audio); a row is the unit of batching and of queue accounting. A
+batch holds rows of a single r (r changes the token count and so the model's cost and shapes), at most
+`max_batch_size` of them, taken round-robin by request so that a long request's rows spread over many batches
+while short requests still go into the next one. A queue is ready when it holds a full batch of rows or when its
+oldest request has waited `max_wait_s`; among ready queues the one whose head is oldest goes first, so no r
+starves. Batches run one at a time on a single inference thread: the model is on one device, and torch releases
+the GIL while it computes, so the event loop keeps taking requests (and refusing them when full) meanwhile.
 
 Requests with r=auto wait in a queue of their own; when it is their turn, the r=auto controller
 (fastast.serving.auto_r) picks the r the batch runs at, and every batch's time feeds the controller's cost model.
 
-A request whose deadline passes while it is queued, or that is cancelled, leaves its queue and is never computed;
-once its batch has started it runs to the end. Admission is bounded: at most `max_queue` requests wait, across
-all r. The batcher knows nothing of audio or models: `run_batch(r, items)` turns a batch's items into one output
-per item.
+A request whose deadline passes while rows of it still wait, or that is cancelled, leaves its queue; its waiting
+rows are never computed (rows already in a batch run to the end). Admission is bounded: at most `max_queue` rows
+wait, across all r. The batcher knows nothing of audio or models: `run_batch(r, items)` turns a batch's rows into
+one output per row.
 """
 
 from __future__ import annotations
@@ -54,23 +56,25 @@ class BatchFailedError(Exception):
 
 
 class JobState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
+    QUEUED = "queued"  # rows still wait in its queue (some may already be in batches)
+    RUNNING = "running"  # every row is in a batch
     DONE = "done"
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    output: Any  # run_batch's output for this request
-    r: int  # the r the batch ran at
-    batch_size: int
-    queue_s: float
-    inference_s: float
+    outputs: list[Any]  # run_batch's output for each of the request's rows, in order
+    r: int  # the r its rows ran at (the highest, if an r=auto request's rows ran in batches at different r)
+    batch_size: int  # rows in the largest batch it ran in
+    queue_s: float  # from being queued to its first batch
+    inference_s: float  # the batches it ran in, together
 
 
 @dataclass(eq=False)
 class Job:
-    item: Any
+    """One request: its rows (windows of audio) go into batches, interleaved with other requests' rows."""
+
+    rows: Sequence[Any]
     queue: QueueKey
     deadline: float  # time.monotonic()
     future: asyncio.Future[BatchResult]
@@ -78,6 +82,22 @@ class Job:
     arrived: float | None = None  # when the request reached the service, if before it was queued
     state: JobState = JobState.QUEUED
     expiry: asyncio.TimerHandle | None = None
+    taken: int = 0  # rows handed to batches
+    computed: int = 0  # rows whose batch has finished
+    outputs: list[Any] = field(default_factory=list)
+    r: int = 0
+    batch_size: int = 0
+    started: float | None = None
+    inference_s: float = 0.0
+
+    @property
+    def pending(self) -> int:
+        return len(self.rows) - self.taken
+
+    @property
+    def since(self) -> float:
+        """When the request's latency started: its arrival at the service, or its queueing."""
+        return self.enqueued if self.arrived is None else self.arrived
 
 
 class Batcher:
@@ -98,7 +118,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.busy_s = 0.0  # wall time spent computing batches, in total
-        self._queues: dict[QueueKey, deque[Job]] = {}
+        self._queues: dict[QueueKey, deque[Job]] = {}  # requests with rows still waiting, oldest first
+        self._rows: dict[QueueKey, int] = {}  # rows waiting per queue
         self._queued = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -133,21 +154,28 @@ class Batcher:
 
     @property
     def queued(self) -> int:
+        """Rows waiting for a batch, across all queues."""
         return self._queued
 
-    def submit(self, item: Any, r: int | None, deadline: float, arrived: float | None = None) -> Job:
-        """Queue one request (r None: r=auto); QueueFullError at once when max_queue requests already wait.
+    def submit(self, rows: Sequence[Any], r: int | None, deadline: float, arrived: float | None = None) -> Job:
+        """Queue one request of one or more rows (r None: r=auto). Await job.future.
 
+        QueueFullError at once when its rows do not fit beside the rows already waiting (max_queue counts rows).
         `arrived`: when the request reached the service (before its upload and decode), so that r=auto plans
-        for the latency its client sees. Await job.future.
+        for the latency its client sees.
         """
+        if not rows:
+            raise ValueError("a request needs at least one row")
         if r is None and self.auto is None:
             raise ValueError("r=auto needs a controller")
-        if self._queued >= self.max_queue:
-            raise QueueFullError(f"{self._queued} requests are already waiting (max_queue {self.max_queue})")
+        if self._queued + len(rows) > self.max_queue:
+            raise QueueFullError(
+                f"{self._queued} rows are already waiting and this request has {len(rows)} (max_queue {self.max_queue})"
+            )
         loop = asyncio.get_running_loop()
         key: QueueKey = AUTO_R if r is None else r
-        job = Job(item, key, deadline, loop.create_future(), arrived=arrived)
+        job = Job(rows, key, deadline, loop.create_future(), arrived=arrived)
+        job.outputs = [None] * len(rows)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self._settle(job, DeadlineExceededError())
@@ -156,18 +184,18 @@ class Batcher:
         if r is None:
             self.auto.arrived(job.enqueued)
         self._queues.setdefault(key, deque()).append(job)
-        self._queued += 1
-        self._set_depth(key)
+        self._add_rows(key, len(rows))
         self._wake.set()
         return job
 
     def cancel(self, job: Job, reason: Exception) -> bool:
-        """Take a still-queued job out of its queue, failing it with `reason`; False if its batch already started."""
+        """Fail a request whose rows are not all in batches yet with `reason`, dropping the rows still waiting
+        (rows already in a batch finish, unused); False if every row was already in a batch."""
         if job.state is not JobState.QUEUED:
             return False
         self._queues[job.queue].remove(job)
-        self._queued -= 1
-        self._set_depth(job.queue)
+        self._add_rows(job.queue, -job.pending)
+        job.taken = len(job.rows)
         self._settle(job, reason)
         return True
 
@@ -196,7 +224,7 @@ class Batcher:
         ready = [
             (queue[0].enqueued, key)
             for key, queue in self._queues.items()
-            if queue and (len(queue) >= self.max_batch_size or now - queue[0].enqueued >= self.max_wait_s)
+            if queue and (self._rows[key] >= self.max_batch_size or now - queue[0].enqueued >= self.max_wait_s)
         ]
         return min(ready, key=lambda head: head[0])[1] if ready else None
 
@@ -204,49 +232,72 @@ class Batcher:
         heads = [queue[0].enqueued for queue in self._queues.values() if queue]
         return max(0.0, min(heads) + self.max_wait_s - now) if heads else None
 
-    def _take(self, key: QueueKey, now: float) -> tuple[int, list[Job]]:
-        """The batch's r and up to max_batch_size jobs off the head of a queue (expired ones already left).
+    def _take(self, key: QueueKey, now: float) -> tuple[int, list[tuple[Job, int]]]:
+        """The batch's r and up to max_batch_size (request, row) pairs off a queue (expired requests already left).
 
+        Rows are taken round-robin by request, oldest request first: one row from each waiting request per round,
+        so a long request's rows spread over many batches while a short request's row goes into the next one.
         For the auto queue the controller picks the r, seeing the whole auto backlog.
         """
         queue = self._queues[key]
-        if key == AUTO_R:
-            assert self.auto is not None
-            r = self.auto.choose([job.enqueued if job.arrived is None else job.arrived for job in queue], now)
-        else:
-            r = int(key)
-        batch = [queue.popleft() for _ in range(min(self.max_batch_size, len(queue)))]
-        for job in batch:
-            job.state = JobState.RUNNING
-            if job.expiry is not None:
-                job.expiry.cancel()
-        self._queued -= len(batch)
-        self._set_depth(key)
+        r = self._auto_r(queue, now) if key == AUTO_R else int(key)
+        batch: list[tuple[Job, int]] = []
+        while queue and len(batch) < self.max_batch_size:
+            for job in list(queue):
+                if len(batch) == self.max_batch_size:
+                    break
+                batch.append((job, job.taken))
+                job.taken += 1
+                if job.pending == 0:
+                    queue.remove(job)
+                    job.state = JobState.RUNNING
+                    if job.expiry is not None:
+                        job.expiry.cancel()
+        self._add_rows(key, -len(batch))
         if key == AUTO_R:
             self.metrics.record_auto_r(r, len(batch))
         return r, batch
 
-    async def _run(self, r: int, batch: list[Job]) -> None:
+    def _auto_r(self, queue: deque[Job], now: float) -> int:
+        """The controller's r for the auto queue; it plans for the requests of one row (longer requests cannot
+        meet a per-request latency target; their rows fill the batches beside)."""
+        assert self.auto is not None
+        short = [job.since for job in queue if len(job.rows) == 1]
+        beside = sum(job.pending for job in queue if len(job.rows) > 1)
+        return self.auto.choose(short, now, beside)
+
+    async def _run(self, r: int, batch: list[tuple[Job, int]]) -> None:
         started = time.monotonic()
-        for job in batch:
+        for job, _ in batch:
             self.metrics.queue_wait.labels(r=str(r)).observe(started - job.enqueued)
+            if job.started is None:
+                job.started = started
         loop = asyncio.get_running_loop()
+        items = [job.rows[row] for job, row in batch]
         try:
-            outputs = await loop.run_in_executor(self._executor, self._compute, r, [job.item for job in batch])
+            outputs = await loop.run_in_executor(self._executor, self._compute, r, items)
         except Exception as exc:
             log.exception("batch of %d at r=%d failed", len(batch), r)
             self.busy_s += time.monotonic() - started
             error = BatchFailedError(f"inference failed for this batch ({type(exc).__name__})")
-            for job in batch:
-                self._settle(job, error)
+            for job in {job: None for job, _ in batch}:
+                if not self.cancel(job, error):
+                    self._settle(job, error)
             return
         elapsed = time.monotonic() - started
         self.busy_s += elapsed
         self.metrics.record_batch(r, len(batch), elapsed)
         if self.auto is not None:
             self.auto.costs.observe(r, len(batch), elapsed)
-        for output, job in zip(outputs, batch):
-            self._settle(job, BatchResult(output, r, len(batch), started - job.enqueued, elapsed))
+        for job in {job: None for job, _ in batch}:  # each request once, in batch order
+            job.r, job.batch_size = max(job.r, r), max(job.batch_size, len(batch))
+            job.inference_s += elapsed
+        for output, (job, row) in zip(outputs, batch):
+            job.outputs[row] = output
+            job.computed += 1
+            if job.computed == len(job.rows):
+                assert job.started is not None
+                self._settle(job, BatchResult(job.outputs, job.r, job.batch_size, job.started - job.enqueued, job.inference_s))
 
     def _compute(self, r: int, items: list[Any]) -> Sequence[Any]:
         outputs = self.run_batch(r, items)
@@ -266,8 +317,10 @@ class Batcher:
         else:
             job.future.set_result(outcome)
 
-    def _set_depth(self, key: QueueKey) -> None:
-        self.metrics.queue_depth.labels(r=str(key)).set(len(self._queues[key]))
+    def _add_rows(self, key: QueueKey, rows: int) -> None:
+        self._rows[key] = self._rows.get(key, 0) + rows
+        self._queued += rows
+        self.metrics.queue_depth.labels(r=str(key)).set(self._rows[key])
 
 
 def _log_crash(task: asyncio.Task) -> None:

@@ -44,6 +44,7 @@ from fastast.serving.batcher import (
 )
 from fastast.serving.metrics import BUSY_WINDOW_S, ServingMetrics
 from fastast.serving.settings import ServeSettings
+from fastast.windows import Windowing, aggregate, top_k
 
 log = logging.getLogger("fastast.engine")
 WARMUP_TIMED_RUNS = 4  # per r=auto r and batch size: one to allocate, three timed
@@ -51,8 +52,11 @@ WARMUP_TIMED_RUNS = 4  # per r=auto r and batch size: one to allocate, three tim
 
 @dataclass(frozen=True)
 class Clip:
+    """One row of a batch: a window of a request's audio."""
+
     pcm: np.ndarray  # float32 at the model's rate, at most one window long
     top_k: int
+    scores: bool = False  # answer every class's score (the request has several windows, or wants a timeline)
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:
@@ -96,6 +100,7 @@ class Engine:
         self.auto_r = served_auto_r(settings, backend, self.max_r)
         spec = backend.card.input
         self.window = window_samples(spec.target_length, spec.sample_rate)
+        Windowing.for_input(spec.target_length, spec.sample_rate, settings.window_hop_s)  # a bad --window-hop-s stops here
         self.min_samples = frame_length(spec.sample_rate)
         self.state = protocol.EngineState()
         self.batcher: Batcher | None = None
@@ -229,22 +234,37 @@ class Engine:
             self._reply(worker, refusal)
             return
         pcm = np.frombuffer(pcm_frame.buffer, dtype=np.float32)  # a view of the received frame: no copy
-        if not self.min_samples <= len(pcm) <= self.window:
-            detail = f"PCM of {len(pcm)} samples; the engine takes {self.min_samples} to {self.window}"
-            self._reply(worker, protocol.Result(header.id, 400, code="invalid_audio", detail=detail))
+        windowing = Windowing(self.window, header.hop, self.backend.card.input.sample_rate)
+        problem = self._invalid(header, windowing, len(pcm))
+        if problem is not None:
+            self._reply(worker, problem)
             return
-        if header.r is None and not self.auto_r:
-            self._reply(worker, protocol.Result(header.id, 422, code="invalid_parameter", detail="r=auto is not available"))
-            return
+        windows = windowing.split(pcm)  # views again: the PCM is never copied before its batch is staged
+        scores = len(windows) > 1 or header.timeline
         try:
-            job = self.batcher.submit(Clip(pcm, header.top_k), header.r, header.deadline, header.arrived)
+            job = self.batcher.submit(
+                [Clip(window, header.top_k, scores) for window in windows], header.r, header.deadline, header.arrived
+            )
         except QueueFullError as exc:
             detail = f"server overloaded: {exc}; retry later"
             self._reply(worker, protocol.Result(header.id, 429, code="queue_full", detail=detail))
             return
         key = (worker, header.id)
         self._jobs[key] = job
-        job.future.add_done_callback(lambda future: self._answer(key, future))
+        job.future.add_done_callback(lambda future: self._answer(key, future, header, windowing, len(pcm)))
+
+    def _invalid(self, header: protocol.ClassifyHeader, windowing: Windowing, samples: int) -> protocol.Result | None:
+        """The error for a request the workers should have refused already (they check the same limits)."""
+        detail = None
+        if samples < self.min_samples:
+            detail = f"PCM of {samples} samples; the engine takes at least {self.min_samples}"
+        elif not 1 <= header.hop <= self.window:
+            detail = f"hop of {header.hop} samples; the engine takes 1 to {self.window}"
+        elif len(windowing.starts(samples)) > self.settings.max_windows:
+            detail = f"{len(windowing.starts(samples))} windows; the engine takes at most {self.settings.max_windows}"
+        elif header.r is None and not self.auto_r:
+            detail = "r=auto is not available"
+        return None if detail is None else protocol.Result(header.id, 400, code="invalid_request", detail=detail)
 
     def _refusal(self, request_id: int) -> protocol.Result | None:
         """The 503 for a request that arrives before the model is warm, or after its warm-up failed."""
@@ -254,14 +274,28 @@ class Engine:
             return protocol.Result(request_id, 503, code="not_ready", detail="the model is warming up")
         return None
 
-    def _answer(self, key: tuple[bytes, int], future: asyncio.Future[BatchResult]) -> None:
+    def _answer(
+        self,
+        key: tuple[bytes, int],
+        future: asyncio.Future[BatchResult],
+        header: protocol.ClassifyHeader,
+        windowing: Windowing,
+        samples: int,
+    ) -> None:
         del self._jobs[key]
         worker, request_id = key
         error = future.exception()
         if error is None:
             result = future.result()
             answer = protocol.Result(
-                request_id, 200, result.output, result.r, result.batch_size, result.queue_s, result.inference_s
+                request_id,
+                200,
+                r=result.r,
+                batch_size=result.batch_size,
+                queue_s=result.queue_s,
+                inference_s=result.inference_s,
+                windows=len(result.outputs),
+                **self._clip_answer(result.outputs, header, windowing, samples),
             )
         elif isinstance(error, DeadlineExceededError):
             answer = protocol.Result(request_id, 504, code="timeout", detail="the request's deadline passed before it could run")
@@ -272,6 +306,18 @@ class Engine:
         else:
             answer = protocol.Result(request_id, 500, code="internal_error", detail=type(error).__name__)
         self._reply(worker, answer)
+
+    def _clip_answer(self, outputs: list, header: protocol.ClassifyHeader, windowing: Windowing, samples: int) -> dict:
+        """The clip's top-k labels and, when asked, its timeline, from its windows' outputs (see _run_batch)."""
+        if len(outputs) == 1 and not header.timeline:
+            return {"labels": outputs[0]}
+        card = self.backend.card
+        scores = np.stack(outputs)
+        clip = aggregate(scores, card.task, header.aggregate)
+        answer: dict = {"labels": [(label["index"], label["score"]) for label in top_k(clip, card.labels, header.top_k)]}
+        if header.timeline:
+            answer["timeline"] = windowing.timeline(scores, samples, card.labels, header.top_k)
+        return answer
 
     def _reply(self, worker: bytes, result: protocol.Result) -> None:
         self._send(worker, protocol.RESULT, protocol.encode(result))
@@ -287,8 +333,9 @@ class Engine:
 
     # ---- compute (the inference thread) -----------------------------------------------------------------------
 
-    def _run_batch(self, r: int, clips: list[Clip]) -> list[list[tuple[int, float]]]:
-        """PCM -> features on the device -> scores -> each clip's top-k (index, score) pairs."""
+    def _run_batch(self, r: int, clips: list[Clip]) -> list:
+        """PCM -> features on the device -> scores -> per row its top-k (index, score) pairs, or, for a row whose
+        request needs every score (Clip.scores), its scores as a float32 array."""
         started = time.perf_counter()
         features = self._features([clip.pcm for clip in clips])
         self._synchronize()  # so the fbank's time is its own in fastast_stage_duration_seconds
@@ -296,9 +343,13 @@ class Engine:
         scores = self.backend.run(features, r).float()
         top = scores.topk(max(clip.top_k for clip in clips), dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        rows = scores.cpu().numpy() if any(clip.scores for clip in clips) else None
         self.metrics.record_stage("fbank", featured - started)
         self.metrics.record_stage("model", time.perf_counter() - featured)
-        return [list(zip(index[: clip.top_k], value[: clip.top_k])) for clip, index, value in zip(clips, indices, values)]
+        return [
+            rows[i] if clip.scores else list(zip(indices[i][: clip.top_k], values[i][: clip.top_k]))
+            for i, clip in enumerate(clips)
+        ]
 
     def _features(self, pcms: list[np.ndarray]) -> torch.Tensor:
         lengths = [len(pcm) for pcm in pcms]

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import zmq
@@ -83,28 +84,25 @@ class EngineClient:
         self._context.term()
 
     async def classify(
-        self,
-        pcm: np.ndarray,
-        r: int | None,
-        top_k: int,
-        arrived: float,
-        deadline: float,
-        disconnected: asyncio.Future | None = None,
+        self, pcm: np.ndarray, header: protocol.ClassifyHeader, disconnected: asyncio.Future | None = None
     ) -> protocol.Result:
-        """The engine's Result for one clip (any status; r None: r=auto); ClientGoneError when `disconnected` completes first."""
+        """The engine's Result for one clip (any status); ClientGoneError when `disconnected` completes first.
+
+        The header's id is replaced by this connection's next request id.
+        """
         if not self.alive:
             raise EngineUnavailableError("the inference engine is not running")
         request_id = next(self._ids)
-        header = protocol.encode(protocol.ClassifyHeader(request_id, r, top_k, arrived, deadline))
+        encoded = protocol.encode(replace(header, id=request_id))
         future: asyncio.Future[protocol.Result] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             try:
-                await self._socket.send_multipart([protocol.CLASSIFY, header, pcm], flags=zmq.NOBLOCK, copy=False)
+                await self._socket.send_multipart([protocol.CLASSIFY, encoded, pcm], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 raise EngineUnavailableError("the inference engine is not reachable") from None
             waited = {future} if disconnected is None else {future, disconnected}
-            stall_limit = max(0.0, deadline - time.monotonic()) + STALL_GRACE_S
+            stall_limit = max(0.0, header.deadline - time.monotonic()) + STALL_GRACE_S
             done, _ = await asyncio.wait(waited, timeout=stall_limit, return_when=asyncio.FIRST_COMPLETED)
             if future in done:
                 return future.result()

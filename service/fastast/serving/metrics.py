@@ -110,7 +110,7 @@ class ServingMetrics:
         )
         self.auto_r = Histogram(
             "fastast_auto_r",
-            "The r the r=auto controller chose, one observation per auto request",
+            "The r the r=auto controller chose, one observation per window of an auto request",
             buckets=AUTO_R_BUCKETS,
             registry=registry,
         )
@@ -144,8 +144,8 @@ class ServingMetrics:
         self.batch_size.labels(r=label).observe(size)
         self.inference_duration.labels(r=label).observe(seconds)
 
-    def record_auto_r(self, r: int, requests: int) -> None:
-        for _ in range(requests):
+    def record_auto_r(self, r: int, windows: int) -> None:
+        for _ in range(windows):
             self.auto_r.observe(r)
 
     def record_stage(self, stage: str, seconds: float) -> None:

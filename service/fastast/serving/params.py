@@ -16,6 +16,7 @@ MAX_NUMBER_CHARS = 32
 _INT = re.compile(rf"[0-9]{{1,{MAX_INT_DIGITS}}}")
 _DECIMAL = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _SHOWN_CHARS = 40  # how much of a refused value the error repeats
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def parse_int(raw: str | None, name: str) -> int | None:
@@ -27,18 +28,42 @@ def parse_int(raw: str | None, name: str) -> int | None:
     return int(raw)
 
 
+def parse_decimal(raw: str | None, name: str) -> float | None:
+    """A query parameter as a finite non-negative decimal number (None when absent); the caller checks the range."""
+    if raw is None:
+        return None
+    value = _decimal(raw)
+    if not math.isfinite(value):
+        raise _invalid(f"{name} must be a decimal number such as 0.5, got {_shown(raw)}")
+    return value
+
+
+def parse_bool(raw: str | None, name: str) -> bool:
+    """A query switch: true/false or 1/0 (absent: false)."""
+    if raw is None:
+        return False
+    if raw.lower() not in _BOOLS:
+        raise _invalid(f"{name} must be true or false, got {_shown(raw)}")
+    return _BOOLS[raw.lower()]
+
+
 def parse_timeout_ms(raw: str | None, timeout_s: float) -> float | None:
     """X-Request-Timeout-Ms in seconds (None when absent): a finite number of ms from 1 to the server's timeout."""
     if raw is None:
         return None
     limit_ms = 1000 * timeout_s
-    ms = float(raw) if len(raw) <= MAX_NUMBER_CHARS and _DECIMAL.fullmatch(raw) else math.nan
+    ms = _decimal(raw)
     if not (math.isfinite(ms) and 1 <= ms <= limit_ms):
         raise _invalid(
             f"X-Request-Timeout-Ms must be a number of milliseconds from 1 to {limit_ms:g} (the server's --timeout-s), "
             f"got {_shown(raw)}"
         )
     return ms / 1000
+
+
+def _decimal(raw: str) -> float:
+    """The value of a plain ASCII decimal of bounded length; NaN for anything else."""
+    return float(raw) if len(raw) <= MAX_NUMBER_CHARS and _DECIMAL.fullmatch(raw) else math.nan
 
 
 def _shown(raw: str) -> str:

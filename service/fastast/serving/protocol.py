@@ -6,7 +6,8 @@ worker's numpy buffer without a copy into Python objects and read by the engine 
 so it is never pickled.
 
     worker -> engine   HELLO                       the engine answers HELLO with EngineInfo and its EngineState
-                       CLASSIFY  header  pcm       header: ClassifyHeader
+                       CLASSIFY  header  pcm       header: ClassifyHeader; pcm: the whole clip (the engine cuts
+                                                   it into the model's windows)
                        CANCEL    header            {"id": n}: the client went away
     engine -> worker   RESULT    header            Result
                        STATE     header            EngineState, pushed to every worker on each change
@@ -60,6 +61,9 @@ class ClassifyHeader:
     top_k: int
     arrived: float  # when the worker began reading the request, time.monotonic()
     deadline: float  # time.monotonic(); CLOCK_MONOTONIC is shared by every process of the host
+    hop: int  # samples between window starts (fastast.windows)
+    aggregate: str  # how the windows' scores make the clip's ("mean" or "max"), resolved for the model's task
+    timeline: bool  # also answer each window's top-k
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class Result:
     status: int
     labels: list[tuple[int, float]] = field(default_factory=list)  # (class index, score), best first
     r: int | None = None  # the r the request ran at
+    windows: int = 0
+    timeline: list[dict] | None = None  # per window: fastast.windows.Windowing.timeline's entries
     batch_size: int = 0
     queue_s: float = 0.0
     inference_s: float = 0.0

@@ -16,16 +16,30 @@ class LabelScore(BaseModel):
 
 
 class Timing(BaseModel):
-    queue: float = Field(description="ms waiting in the queue of this r for a batch")
-    inference: float = Field(description="ms the batch took in the model")
+    queue: float = Field(description="ms waiting in the queue of this r for a first batch")
+    inference: float = Field(description="ms the batches it ran in took in the model, together")
     total: float = Field(description="ms from the start of the upload to the response")
+
+
+class TimelineEntry(BaseModel):
+    start_s: float = Field(description="where the window starts in the audio")
+    end_s: float = Field(description="where it ends (the audio's end for a last, shorter window)")
+    labels: list[LabelScore] = Field(description="the window's top_k classes")
 
 
 class ClassifyResponse(BaseModel):
     model: str
-    r: int = Field(description="the ToMe r this request ran at (for r=auto: the r the controller chose)")
-    labels: list[LabelScore] = Field(description="the top_k classes, highest score first")
-    batch_size: int = Field(description="requests in the batch this one ran in (all at the same r)")
+    r: int = Field(
+        description="the ToMe r this request ran at (for r=auto: the r the controller chose; the highest, if its "
+        "windows ran in batches at different r)"
+    )
+    labels: list[LabelScore] = Field(
+        description="the top_k classes, highest score first; for audio of several windows, of the windows' scores "
+        "aggregated (aggregate=mean|max)"
+    )
+    windows: int = Field(description="the model windows the audio was cut into (1 for audio up to one window)")
+    timeline: list[TimelineEntry] | None = Field(None, description="per window, with timeline=true")
+    batch_size: int = Field(description="windows in the largest batch this request ran in (all at the same r)")
     timing_ms: Timing
 
 
@@ -67,6 +81,9 @@ class Limits(BaseModel):
     max_queue: int
     timeout_s: float
     max_audio_s: float
+    window_s: float
+    window_hop_s: float
+    max_windows: int
     max_upload_mb: float
     max_channels: int
     max_sample_rate: int

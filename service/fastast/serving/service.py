@@ -1,7 +1,7 @@
 """One API worker's classify pipeline and life cycle, independent of HTTP routing. The model lives in the engine.
 
 upload (bounded in count, size and time) -> decode to mono PCM at the model's rate in a thread pool -> the engine
-(queue for r, batch, features, model, top-k) -> JSON. A request takes a place in the engine's bounded queue only
+(the clip cut into the model's windows, queue for r, batch, features, model, top-k, windows aggregated) -> JSON. A request takes a place in the engine's bounded queue only
 once its body is in and decoded, so slow uploaders cannot fill the queue; uploads have their own bound per worker
 (--max-uploads) and their own time limit (--body-timeout-s). Every classify request is counted exactly once in
 fastast_requests_total and fastast_request_duration_seconds, whatever its outcome.
@@ -13,20 +13,21 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from fastast.audio import load_audio, window_samples
-from fastast.errors import AudioLimitError, InvalidAudioError
+from fastast.audio import load_audio
+from fastast.errors import AudioLimitError, InvalidAudioError, InvalidWindowError
 from fastast.model.card import ModelCard, pareto_optimal
 from fastast.serving import protocol
 from fastast.serving.engine_client import ClientGoneError, EngineClient, EngineUnavailableError
 from fastast.serving.errors import ServiceError
 from fastast.serving.intake import read_upload
 from fastast.serving.metrics import AUTO_R, INVALID_R, ServingMetrics
-from fastast.serving.params import parse_int, parse_timeout_ms
+from fastast.serving.params import parse_bool, parse_decimal, parse_int, parse_timeout_ms
 from fastast.serving.schemas import (
     AutoSettings,
     BackendInfo,
@@ -36,9 +37,11 @@ from fastast.serving.schemas import (
     ModelInfo,
     ParetoPoint,
     RRange,
+    TimelineEntry,
     Timing,
 )
 from fastast.serving.settings import ServeSettings
+from fastast.windows import Windowing, resolve_aggregate
 
 log = logging.getLogger("fastast.serving")
 
@@ -50,6 +53,16 @@ RETRY_AFTER = {"Retry-After": "1"}
 def draining() -> ServiceError:
     """The refusal while shutting down; Connection: close so clients reconnect to another replica."""
     return ServiceError(503, "draining", "the server is shutting down", {**RETRY_AFTER, "Connection": "close"})
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """What a request asks of its answer, besides r: validated before its upload is read."""
+
+    top_k: int
+    windowing: Windowing
+    aggregate: str
+    timeline: bool
 
 
 def outcome(status: int) -> str:
@@ -72,7 +85,8 @@ class Service:
         self.engine = engine
         self.metrics = metrics
         self.default_top_k = min(DEFAULT_TOP_K, card.num_classes)
-        self.window = window_samples(card.input.target_length, card.input.sample_rate)
+        # Checks --window-hop-s against the model's window: a bad one is a startup error.
+        self.windowing = Windowing.for_input(card.input.target_length, card.input.sample_rate, settings.window_hop_s)
         self.draining = False
         self.inflight = 0
         self.uploading = 0
@@ -145,8 +159,8 @@ class Service:
         try:
             r = self._parse_r(request)
             r_label = AUTO_R if r is None else str(r)
-            top_k = self._parse_top_k(request)
-            result = await self._run(request, r, top_k, started, self._deadline(request, started))
+            options = self._parse_options(request)
+            result = await self._run(request, r, options, started, self._deadline(request, started))
             r_label, status = str(result.r), 200
         except ServiceError as exc:
             status = exc.status
@@ -154,10 +168,22 @@ class Service:
         finally:
             self.metrics.record_request(r_label, outcome(status), time.monotonic() - started)
         labels = self.card.labels
+        timeline = None
+        if result.timeline is not None:
+            timeline = [
+                TimelineEntry(
+                    start_s=entry["start_s"],
+                    end_s=entry["end_s"],
+                    labels=[LabelScore(label=x["label"], index=x["index"], score=x["score"]) for x in entry["labels"]],
+                )
+                for entry in result.timeline
+            ]
         return ClassifyResponse(
             model=self.card.name,
             r=result.r,
             labels=[LabelScore(label=labels[i].display_name, index=i, score=s) for i, s in result.labels],
+            windows=result.windows,
+            timeline=timeline,
             batch_size=result.batch_size,
             timing_ms=Timing(
                 queue=1000 * result.queue_s,
@@ -188,29 +214,43 @@ class Service:
             raise ServiceError(422, "invalid_parameter", f"r must be between 0 and {info.max_r}, got {r}")
         return r
 
-    def _parse_top_k(self, request: Request) -> int:
+    def _parse_options(self, request: Request) -> ClipOptions:
+        query = request.query_params
         num_classes = self.card.num_classes
-        top_k = parse_int(request.query_params.get("top_k"), "top_k")
+        top_k = parse_int(query.get("top_k"), "top_k")
         top_k = self.default_top_k if top_k is None else top_k
         if not 1 <= top_k <= num_classes:
             raise ServiceError(422, "invalid_parameter", f"top_k must be between 1 and {num_classes}, got {top_k}")
-        return top_k
+        hop_s = parse_decimal(query.get("hop_s"), "hop_s")
+        spec = self.card.input
+        try:
+            windowing = self.windowing if hop_s is None else Windowing.for_input(spec.target_length, spec.sample_rate, hop_s)
+            aggregate = resolve_aggregate(self.card.task, query.get("aggregate"))
+        except InvalidWindowError as exc:
+            raise ServiceError(422, "invalid_parameter", str(exc)) from None
+        return ClipOptions(top_k, windowing, aggregate, parse_bool(query.get("timeline"), "timeline"))
 
     def _deadline(self, request: Request, started: float) -> float:
         """--timeout-s after arrival, or sooner when X-Request-Timeout-Ms asks for less."""
         asked = parse_timeout_ms(request.headers.get(TIMEOUT_HEADER), self.settings.timeout_s)
         return started + (self.settings.timeout_s if asked is None else asked)
 
-    async def _run(self, request: Request, r: int | None, top_k: int, arrived: float, deadline: float) -> protocol.Result:
+    async def _run(
+        self, request: Request, r: int | None, options: ClipOptions, arrived: float, deadline: float
+    ) -> protocol.Result:
         refusal = self.readiness()
         if refusal is not None:
             raise refusal
         self.inflight += 1
         try:
             pcm = await self._audio(request, deadline)
+            self._check_windows(options.windowing, len(pcm))
+            header = protocol.ClassifyHeader(
+                0, r, options.top_k, arrived, deadline, options.windowing.hop, options.aggregate, options.timeline
+            )
             disconnected = asyncio.ensure_future(_disconnected(request))
             try:
-                result = await self.engine.classify(pcm, r, top_k, arrived, deadline, disconnected)
+                result = await self.engine.classify(pcm, header, disconnected)
             finally:
                 disconnected.cancel()
         except (ClientDisconnect, ClientGoneError):
@@ -224,8 +264,19 @@ class Service:
             raise ServiceError(result.status, result.code, result.detail, retry)
         return result
 
+    def _check_windows(self, windowing: Windowing, samples: int) -> None:
+        windows = len(windowing.starts(samples))
+        if windows > self.settings.max_windows:
+            seconds = samples / windowing.sample_rate
+            raise ServiceError(
+                413,
+                "too_many_windows",
+                f"{seconds:.1f} s of audio at a hop of {windowing.hop / windowing.sample_rate:g} s makes {windows} windows; "
+                f"the server takes at most {self.settings.max_windows} (--max-windows); raise hop_s or send less audio",
+            )
+
     async def _audio(self, request: Request, deadline: float) -> np.ndarray:
-        """The upload, within its limits, decoded to mono PCM at the model's rate (at most one window of it)."""
+        """The upload, within its limits, decoded to mono PCM at the model's rate."""
         if self.uploading >= self.settings.max_uploads:
             raise ServiceError(
                 429, "too_many_uploads", f"{self.uploading} uploads are already in progress on this worker; retry later", RETRY_AFTER
@@ -258,7 +309,7 @@ class Service:
         started = time.perf_counter()
         wave = load_audio(data, self.card.input.sample_rate, **self.settings.audio_limits)
         self.metrics.record_stage("decode", time.perf_counter() - started)
-        return np.ascontiguousarray(wave[: self.window])
+        return np.ascontiguousarray(wave)
 
     # ---- description ----------------------------------------------------------------------------------------------
 
@@ -281,6 +332,9 @@ class Service:
                 max_queue=settings.max_queue,
                 timeout_s=settings.timeout_s,
                 max_audio_s=settings.max_audio_s,
+                window_s=self.windowing.window / self.windowing.sample_rate,
+                window_hop_s=self.windowing.hop / self.windowing.sample_rate,
+                max_windows=settings.max_windows,
                 max_upload_mb=settings.max_upload_mb,
                 max_channels=settings.max_channels,
                 max_sample_rate=settings.max_sample_rate,

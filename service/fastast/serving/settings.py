@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,9 +31,15 @@ class ServeSettings(BaseSettings):
     auto_max_r: int | None = Field(None, ge=0, description="r=auto: the highest r auto may use (overrides --auto-max-drop)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="requests per batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the oldest queued request waits for its batch to fill")
-    max_queue: int = Field(256, ge=1, description="requests admitted but not yet in a batch (all r together); beyond: 429")
+    max_queue: int = Field(
+        1024, ge=1, description="windows admitted but not yet in a batch (all r together); beyond: 429"
+    )
     timeout_s: float = Field(30.0, gt=0, description="deadline of a request; one still queued then answers 504")
-    max_audio_s: float = Field(30.0, gt=0, description="longest audio accepted, in seconds (413 beyond)")
+    max_audio_s: float = Field(600.0, gt=0, description="longest audio accepted, in seconds (413 beyond)")
+    window_hop_s: float | None = Field(
+        None, gt=0, description="seconds between the starts of a long clip's windows (default: half the model's window)"
+    )
+    max_windows: int = Field(1024, ge=1, description="most windows one request may have (413 beyond)")
     max_upload_mb: float = Field(20.0, gt=0, description="largest upload accepted, in MB (413 beyond)")
     max_channels: int = Field(8, ge=1, description="most audio channels accepted, read from the header (413 beyond)")
     max_sample_rate: int = Field(
@@ -65,6 +71,14 @@ class ServeSettings(BaseSettings):
         False, description="load weights whose card has no weights_sha256 (logs a warning); refused otherwise"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
+
+    @model_validator(mode="after")
+    def _windows_fit_the_queue(self) -> ServeSettings:
+        if self.max_windows > self.max_queue:
+            raise ValueError(
+                f"max_windows {self.max_windows} exceeds max_queue {self.max_queue}: such a request could never be queued"
+            )
+        return self
 
     @property
     def max_upload_bytes(self) -> int:
