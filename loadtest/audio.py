@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-DEFAULT_TEXT = "turn the music down"
+DEFAULT_TEXT = "turn it down"  # about 1.06 s: one window of a 1 s model (1.295 s), so one request is one batch row
 
 
 def speech_bytes(path: str | None = None, text: str = DEFAULT_TEXT) -> bytes:

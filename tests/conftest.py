@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,6 +57,16 @@ def espeak(text: str, path: Path, voice: str = "en", speed: int = 160, pitch: in
 def speech_wav(tmp_path_factory) -> Path:
     """About two seconds of English speech at espeak-ng's native 22.05 kHz."""
     return espeak("the quick brown fox jumps over the lazy dog", tmp_path_factory.mktemp("audio") / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def speech(speech_wav) -> bytes:
+    """The speech cut to 1.2 s, as WAV bytes: one window of the 128-frame test models (1.295 s), so that one
+    request is one batch row in the serving tests (longer audio has tests of its own)."""
+    wave, rate = sf.read(speech_wav, dtype="float32")
+    buffer = io.BytesIO()
+    sf.write(buffer, wave[: int(1.2 * rate)], rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
 
 
 def tone(seconds: float = 1.0, sample_rate: int = 16000, freq: float = 440.0, channels: int = 1) -> np.ndarray:

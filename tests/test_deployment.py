@@ -243,6 +243,8 @@ def test_dashboard_is_provisionable():
 
 R_VALUES = ("0", "4", "8")
 AUTO_ASKED = {"0": "auto"}  # the r=0 traffic asks for r=auto (see drive_traffic)
+# The live server: small batches that fill, and an r=auto whose lax target always keeps r=0.
+LIVE_SERVER_ARGS = ("--max-batch-size", "4", "--max-wait-ms", "50", "--auto-max-r", "8", "--slo-ms", "600000")
 GOOD_PER_R = 6
 SCRAPE_INTERVAL = "1s"
 # What Grafana puts in place of its variables before a query reaches Prometheus, as concrete values.
@@ -384,8 +386,7 @@ def live(tiny_model_dir, tmp_path_factory):
     no increase yet: the first wave creates the series, the second is what rate() and increase() see.
     """
     started = time.monotonic()
-    auto = ("--auto-max-r", "8", "--slo-ms", "600000")
-    with start_server(tiny_model_dir, "--max-batch-size", "4", "--max-wait-ms", "50", *auto) as server:
+    with start_server(tiny_model_dir, *LIVE_SERVER_ARGS) as server:
         port = int(server.url.rsplit(":", 1)[1])
         prometheus = Prometheus(prometheus_config(port), tmp_path_factory.mktemp("prometheus"))
         try:

@@ -31,6 +31,7 @@ from serverutil import start_server
 from test_deployment import (
     DASHBOARD_JSON,
     HEALTH_ALERTS,
+    LIVE_SERVER_ARGS,
     RULES_YML,
     Prometheus,
     dashboard_panels,
@@ -599,7 +600,7 @@ def live(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("prometheus-k8s")
     rules_file = folder / "rules.yml"
     rules_file.write_text(yaml.safe_dump(one("overlays/autoscale", "PrometheusRule")["spec"]))
-    with start_server(tiny_model_dir, "--max-batch-size", "4", "--max-wait-ms", "50") as server:
+    with start_server(tiny_model_dir, *LIVE_SERVER_ARGS) as server:
         port = int(server.url.rsplit(":", 1)[1])
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},

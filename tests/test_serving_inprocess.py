@@ -31,11 +31,6 @@ def backend(tiny_model_dir) -> TorchBackend:
     return load_torch_backend(tiny_model_dir, "cpu", "fp32")
 
 
-@pytest.fixture(scope="module")
-def speech(speech_wav) -> bytes:
-    return speech_wav.read_bytes()
-
-
 @asynccontextmanager
 async def serving(backend, wait_ready: bool = True, **settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(ServeSettings(**settings), backend)

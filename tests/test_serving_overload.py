@@ -19,11 +19,6 @@ WAV = {"Content-Type": "audio/wav"}
 
 
 @pytest.fixture(scope="module")
-def speech(speech_wav) -> bytes:
-    return speech_wav.read_bytes()
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir):
     args = ("--max-wait-ms", str(HOLD_MS), "--max-batch-size", "64", "--max-queue", str(MAX_QUEUE), "--timeout-s", "20")
     with running_server(tiny_model_dir, *args) as url:

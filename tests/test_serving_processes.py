@@ -20,11 +20,6 @@ from serverutil import _launch, alive, children, metric, scrape, start_server
 WAV = {"Content-Type": "audio/wav"}
 
 
-@pytest.fixture(scope="module")
-def speech(speech_wav) -> bytes:
-    return speech_wav.read_bytes()
-
-
 def wait_until(condition, timeout: float = 20.0, step: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -84,11 +84,14 @@ class Job:
     expiry: asyncio.TimerHandle | None = None
     taken: int = 0  # rows handed to batches
     computed: int = 0  # rows whose batch has finished
-    outputs: list[Any] = field(default_factory=list)
+    outputs: list[Any] = field(init=False)  # one per row, filled as its batches finish
     r: int = 0
     batch_size: int = 0
     started: float | None = None
     inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.rows)
 
     @property
     def pending(self) -> int:
@@ -175,7 +178,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         key: QueueKey = AUTO_R if r is None else r
         job = Job(rows, key, deadline, loop.create_future(), arrived=arrived)
-        job.outputs = [None] * len(rows)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self._settle(job, DeadlineExceededError())

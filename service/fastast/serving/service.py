@@ -266,13 +266,13 @@ class Service:
 
     def _check_windows(self, windowing: Windowing, samples: int) -> None:
         windows = len(windowing.starts(samples))
-        if windows > self.settings.max_windows:
+        if windows > self.settings.window_limit:
             seconds = samples / windowing.sample_rate
             raise ServiceError(
                 413,
                 "too_many_windows",
                 f"{seconds:.1f} s of audio at a hop of {windowing.hop / windowing.sample_rate:g} s makes {windows} windows; "
-                f"the server takes at most {self.settings.max_windows} (--max-windows); raise hop_s or send less audio",
+                f"the server takes at most {self.settings.window_limit} (--max-windows); raise hop_s or send less audio",
             )
 
     async def _audio(self, request: Request, deadline: float) -> np.ndarray:
@@ -334,7 +334,7 @@ class Service:
                 max_audio_s=settings.max_audio_s,
                 window_s=self.windowing.window / self.windowing.sample_rate,
                 window_hop_s=self.windowing.hop / self.windowing.sample_rate,
-                max_windows=settings.max_windows,
+                max_windows=settings.window_limit,
                 max_upload_mb=settings.max_upload_mb,
                 max_channels=settings.max_channels,
                 max_sample_rate=settings.max_sample_rate,

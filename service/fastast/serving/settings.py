@@ -14,6 +14,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEFAULT_MAX_WINDOWS = 1024  # 10 minutes of audio for the default model at half-window hops (927 windows)
+
+
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FASTAST_", extra="forbid", validate_default=True)
 
@@ -39,7 +42,9 @@ class ServeSettings(BaseSettings):
     window_hop_s: float | None = Field(
         None, gt=0, description="seconds between the starts of a long clip's windows (default: half the model's window)"
     )
-    max_windows: int = Field(1024, ge=1, description="most windows one request may have (413 beyond)")
+    max_windows: int | None = Field(
+        None, ge=1, description="most windows one request may have (default: 1024, or max_queue if lower); 413 beyond"
+    )
     max_upload_mb: float = Field(20.0, gt=0, description="largest upload accepted, in MB (413 beyond)")
     max_channels: int = Field(8, ge=1, description="most audio channels accepted, read from the header (413 beyond)")
     max_sample_rate: int = Field(
@@ -74,11 +79,16 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _windows_fit_the_queue(self) -> ServeSettings:
-        if self.max_windows > self.max_queue:
+        if self.max_windows is not None and self.max_windows > self.max_queue:
             raise ValueError(
                 f"max_windows {self.max_windows} exceeds max_queue {self.max_queue}: such a request could never be queued"
             )
         return self
+
+    @property
+    def window_limit(self) -> int:
+        """--max-windows, or its default: a request's windows must fit in the queue at once."""
+        return self.max_windows or min(DEFAULT_MAX_WINDOWS, self.max_queue)
 
     @property
     def max_upload_bytes(self) -> int:
