@@ -2,8 +2,9 @@
 
 Open loop: each request leaves at its scheduled time whether or not earlier ones have answered, so an overloaded
 server faces the offered rate instead of slowing its clients down (closed-loop clients hide overload). Requests
-reuse idle keep-alive connections and open new ones when none is idle, up to `max_in_flight` open requests; an
-arrival beyond that is recorded as status 0 (the client could not send it), never delayed.
+reuse idle keep-alive connections (a fresh one when the server closed the idle one meanwhile) and open new ones
+when none is idle, up to `max_in_flight` open requests; an arrival beyond that is recorded as status 0 (the
+client could not send it), never delayed.
 
 loadtest.ramp does the same with httpx over a rate shape; this one is for rates of hundreds to thousands of
 requests per second on a small host, where httpx would spend more CPU than the server under test
@@ -52,15 +53,26 @@ async def run_open_loop(
     in_flight = 0
     start = time.monotonic()
 
+    async def exchange(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> tuple[int, bool, bytes]:
+        connection[1].write(request)
+        return await read_response(connection[0])
+
     async def one(sent: float) -> None:
         nonlocal in_flight
         in_flight += 1
         connection = None
         status, r = 0, None
         try:
-            connection = idle.pop() if idle else await asyncio.open_connection(host, port)
-            connection[1].write(request)
-            status, keep_alive, answer = await read_response(connection[0])
+            if idle:
+                connection = idle.pop()
+                try:
+                    status, keep_alive, answer = await exchange(connection)
+                except (ConnectionError, asyncio.IncompleteReadError):  # the server closed it while it was idle
+                    connection[1].close()
+                    connection = None
+            if connection is None:
+                connection = await asyncio.open_connection(host, port)
+                status, keep_alive, answer = await exchange(connection)
             if status == 200:
                 r = json.loads(answer)["r"]
             if keep_alive:

@@ -281,6 +281,19 @@ def test_a_long_requests_rows_interleave_with_short_requests_round_robin():
     assert [short.outputs for short in shorts] == [[f"out-S{i}"] for i in range(3)]
 
 
+def test_one_request_takes_at_most_its_share_of_a_batch():
+    async def scenario(batcher: Batcher, batches):
+        deadline = time.monotonic() + 30
+        long = batcher.submit([f"L{i}" for i in range(5)], 0, deadline)
+        short = batcher.submit(["S"], 0, deadline)
+        return await long.future, await short.future, batches
+
+    long, short, batches = run_batcher(scenario, max_batch_size=4, max_wait_s=0.0, max_queue=16, request_share=0.5)
+    # Two rows of the long request per batch at most: the batches stay short, so a short request waits less.
+    assert batches == [(0, 3), (0, 2), (0, 1)]  # L0 S L1 | L2 L3 | L4
+    assert long.outputs == [f"L{i}" for i in range(5)] and short.outputs == ["S"]
+
+
 def test_cancelling_a_long_request_drops_its_rows_still_waiting():
     gate = threading.Event()
     batches: list[list] = []

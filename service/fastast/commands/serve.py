@@ -25,6 +25,8 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "timeout_s": ("S", "request deadline; a request still queued then gets 504 (default 30.0)"),
     "max_audio_s": ("S", "longest audio accepted; longer gets 413 (default 600.0)"),
     "window_hop_s": ("S", "seconds between the starts of a long clip's windows (default: half the model's window)"),
+    "request_share": ("F", "largest share of a batch one request's windows may take: lower keeps short requests "
+                      "fast beside long ones (default 0.25)"),
     "max_windows": ("N", "most windows one request may have; more get 413 (default: 1024, or --max-queue if lower)"),
     "max_upload_mb": ("MB", "largest upload accepted; larger gets 413 (default 20.0)"),
     "max_channels": ("N", "most audio channels accepted, checked on the header before decoding; more get 413 (default 8)"),

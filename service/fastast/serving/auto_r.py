@@ -42,10 +42,6 @@ MAX_LADDER = 8  # r values auto may use, at most (each one is warmed up for ever
 log = logging.getLogger("fastast.engine")
 
 
-class AutoUnavailableError(ValueError):
-    """r=auto cannot be served for this model and these settings; the message says what to change."""
-
-
 def auto_ladder(card: ModelCard, max_r: int, max_drop_points: float, auto_max_r: int | None) -> list[int]:
     """The r values r=auto may choose, ascending, starting at 0; [] when the card gives nothing to go on.
 

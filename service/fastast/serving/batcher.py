@@ -112,10 +112,12 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
+        request_share: float = 1.0,
         auto: AutoR | None = None,
     ):
         self.run_batch = run_batch
         self.auto = auto
+        self.rows_per_request = max(1, int(max_batch_size * request_share))
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -238,18 +240,24 @@ class Batcher:
         """The batch's r and up to max_batch_size (request, row) pairs off a queue (expired requests already left).
 
         Rows are taken round-robin by request, oldest request first: one row from each waiting request per round,
-        so a long request's rows spread over many batches while a short request's row goes into the next one.
-        For the auto queue the controller picks the r, seeing the whole auto backlog.
+        and at most rows_per_request of one request, so a long request's rows spread over many batches while a
+        short request's row goes into the next one, and that batch stays short. For the auto queue the
+        controller picks the r, seeing the whole auto backlog.
         """
         queue = self._queues[key]
         r = self._auto_r(queue, now) if key == AUTO_R else int(key)
         batch: list[tuple[Job, int]] = []
+        taken: dict[Job, int] = {}
         while queue and len(batch) < self.max_batch_size:
-            for job in list(queue):
+            open_jobs = [job for job in queue if taken.get(job, 0) < self.rows_per_request]
+            if not open_jobs:
+                break
+            for job in open_jobs:
                 if len(batch) == self.max_batch_size:
                     break
                 batch.append((job, job.taken))
                 job.taken += 1
+                taken[job] = taken.get(job, 0) + 1
                 if job.pending == 0:
                     queue.remove(job)
                     job.state = JobState.RUNNING

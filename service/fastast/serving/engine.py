@@ -133,6 +133,7 @@ class Engine:
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
+            request_share=settings.request_share,
             auto=auto,
         )
         self.batcher.start()

@@ -42,6 +42,9 @@ class ServeSettings(BaseSettings):
     window_hop_s: float | None = Field(
         None, gt=0, description="seconds between the starts of a long clip's windows (default: half the model's window)"
     )
+    request_share: float = Field(
+        0.25, gt=0, le=1, description="largest share of a batch one request's windows may take (long audio)"
+    )
     max_windows: int | None = Field(
         None, ge=1, description="most windows one request may have (default: 1024, or max_queue if lower); 413 beyond"
     )
