@@ -159,10 +159,10 @@ def test_scores_do_not_depend_on_the_batch(client, speech):
 
     alone = [post(data) for data in clips]
     assert [body["windows"] for body in alone] == [1, 1, 3, 2]  # the 2.5 s and 1.3 s clips: several windows
-    assert all(body["batch_size"] == body["windows"] for body in alone)  # alone: a batch of its own windows
+    assert all(body["batch_size"] <= body["windows"] for body in alone)  # alone: batches of its own windows only
 
-    def shared(bodies: list[dict]) -> int:
-        return sum(body["batch_size"] > body["windows"] for body in bodies)
+    def shared(bodies: list[dict]) -> int:  # how many clips ran in a bigger batch than alone: beside other clips
+        return sum(body["batch_size"] > solo["batch_size"] for body, solo in zip(bodies, alone))
 
     for _ in range(3):  # a loaded CPU may split the group; a few tries make a shared batch all but certain
         with ThreadPoolExecutor(max_workers=len(clips)) as pool:
