@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = format_table(results, args.slo_ms)
     args.out.with_suffix(".md").write_text(table + "\n")
-    plot(results, servers, args.slo_ms, args.out.with_suffix(".png"))
+    try:
+        plot(results, servers, args.slo_ms, args.out.with_suffix(".png"))
+    except ImportError:  # the GPU host may lack matplotlib: the table and the JSON still stand
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
     print(table)
 
 

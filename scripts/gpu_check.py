@@ -7,6 +7,9 @@ Steps, each under its own time limit so one failure costs only its own slot:
    (1 s and 10 s clips) and AST-base (10 s clips at several r), for each --workers count the server supports;
    service S/s next to step 1's bench S/s.
 4. ONNX Runtime's CUDA provider: parity and speed against torch, where the installed onnxruntime has it.
+5. (Only with --steps auto: about 4 minutes.) r=auto on AST-base under an open-loop ramp (loadtest.auto_ramp),
+   beside fixed r=0 and fixed r=40: the model-bound run the CPU host could not give. Random weights have no r
+   table, so --auto-max-r 40 sets the ladder and the expected accuracy column stays empty.
 
 Everything lands in OUT (default /tmp/gpu_check): results.json with every figure, and the servers' log tails.
 """
@@ -208,13 +211,29 @@ def onnxruntime_cuda(work: Path) -> dict:
     return report
 
 
+# ---- 5. r=auto under an open-loop ramp (optional) --------------------------------------------------------------------
+
+
+def auto_ramp(out: Path, work: Path) -> dict:
+    from loadtest.auto_ramp import main as ramp
+
+    models, clips = make_models(work), make_clips(work)
+    serve_args = f"--device cuda --workers 8 --max-batch-size {BENCH_BATCH} --max-queue 1024 --auto-max-r 40"
+    ramp(["--model", str(models["base"]), "--audio", str(clips["10s"]), "--slo-ms", "500", "--levels", "0.5,1,1.5,2,3",
+          "--level-s", "6", "--serve-args", serve_args, "--out", str(out / "auto_ramp")])  # fmt: skip
+    return json.loads((out / "auto_ramp.json").read_text())
+
+
 STEPS = {"bench": bench_base, "fbank": fbank_parity, "serve": serve_under_load, "onnxruntime": onnxruntime_cuda}
+OPTIONAL_STEPS = {"auto": auto_ramp}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_check")))
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join([*STEPS, *OPTIONAL_STEPS])
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/gpu_check_work")
@@ -224,8 +243,8 @@ def main() -> None:
         started = time.monotonic()
         print(f"== {name}", flush=True)
         try:
-            step = STEPS[name]
-            needs = {"serve": (args.out, work), "onnxruntime": (work,)}.get(name, ())
+            step = {**STEPS, **OPTIONAL_STEPS}[name]
+            needs = {"serve": (args.out, work), "onnxruntime": (work,), "auto": (args.out, work)}.get(name, ())
             results[name] = step(*needs)
         except Exception as exc:  # a failed step is recorded; the others still run
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
