@@ -56,7 +56,7 @@ class Clip:
 
     pcm: np.ndarray  # float32 at the model's rate, at most one window long
     top_k: int
-    scores: bool = False  # answer every class's score (the request has several windows, or wants a timeline)
+    all_scores: bool = False  # answer every class's score (the request has several windows, or wants a timeline)
 
 
 def warmup_batch_sizes(max_batch_size: int) -> list[int]:
@@ -241,10 +241,10 @@ class Engine:
             self._reply(worker, problem)
             return
         windows = windowing.split(pcm)  # views again: the PCM is never copied before its batch is staged
-        scores = len(windows) > 1 or header.timeline
+        all_scores = len(windows) > 1 or header.timeline
         try:
             job = self.batcher.submit(
-                [Clip(window, header.top_k, scores) for window in windows], header.r, header.deadline, header.arrived
+                [Clip(window, header.top_k, all_scores) for window in windows], header.r, header.deadline, header.arrived
             )
         except QueueFullError as exc:
             detail = f"server overloaded: {exc}; retry later"
@@ -336,7 +336,7 @@ class Engine:
 
     def _run_batch(self, r: int, clips: list[Clip]) -> list:
         """PCM -> features on the device -> scores -> per row its top-k (index, score) pairs, or, for a row whose
-        request needs every score (Clip.scores), its scores as a float32 array."""
+        request needs every score (Clip.all_scores), its scores as a float32 array."""
         started = time.perf_counter()
         features = self._features([clip.pcm for clip in clips])
         self._synchronize()  # so the fbank's time is its own in fastast_stage_duration_seconds
@@ -344,11 +344,11 @@ class Engine:
         scores = self.backend.run(features, r).float()
         top = scores.topk(max(clip.top_k for clip in clips), dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        rows = scores.cpu().numpy() if any(clip.scores for clip in clips) else None
+        rows = scores.cpu().numpy() if any(clip.all_scores for clip in clips) else None
         self.metrics.record_stage("fbank", featured - started)
         self.metrics.record_stage("model", time.perf_counter() - featured)
         return [
-            rows[i] if clip.scores else list(zip(indices[i][: clip.top_k], values[i][: clip.top_k]))
+            rows[i] if clip.all_scores else list(zip(indices[i][: clip.top_k], values[i][: clip.top_k]))
             for i, clip in enumerate(clips)
         ]
 
