@@ -110,7 +110,7 @@ fi
 #    data with r = R_TRAIN merged in every block, continuing from it at a lower rate.
 MIXED=(--train "$DATA/train.json" "$REAL_DATA/sc/train.json" "$REAL_DATA/fsdd/train.json" --val "$REAL_DATA/sc/val.json"
        --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
-       --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.8 --snr-db 0 20)
+       --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
 "$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$BEST" --lr 3e-4 --warmup-steps 100 --epochs "$REAL_EPOCHS" \
     --seed 0 --name default --out "$WORK/real"
 "$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$WORK/real" --r-train "$R_TRAIN" --lr 1e-4 --warmup-steps 50 \

@@ -42,12 +42,16 @@ def test_augment_wave_is_reproducible_bounded_and_changes_speed():
     assert not AugmentConfig(freqm=4).on_waveform and config.on_waveform
 
 
-def test_balanced_weights_draw_every_label_equally():
+def test_balanced_weights_draw_every_label_and_every_source_within_it_equally():
     examples = [Example(Path(f"{i}.wav"), ("a",)) for i in range(90)] + [Example(Path("b.wav"), ("b",))] * 10
     weights = balanced_weights(examples)
     assert weights[:90].sum().item() == pytest.approx(weights[90:].sum().item())
     drawn = torch.multinomial(weights, 4000, replacement=True, generator=torch.Generator().manual_seed(0))
     assert 0.45 < (drawn >= 90).float().mean().item() < 0.55
+    # Within label a, 80 clips from source 0 and 10 from source 1 are drawn equally often.
+    weights = balanced_weights(examples, [0] * 80 + [1] * 10 + [0] * 10)
+    assert weights[:80].sum().item() == pytest.approx(weights[80:90].sum().item())
+    assert weights[:90].sum().item() == pytest.approx(weights[90:].sum().item())
 
 
 def test_path_lists_resolve_relative_to_their_folder(tmp_path):

@@ -18,7 +18,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                       help="default: single-label when every example has exactly one label")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     data.add_argument("--balance", action="store_true",
-                      help="draw every label equally often (with replacement) instead of shuffling")
+                      help="draw every label equally often, and within a label every --train manifest equally "
+                      "often (with replacement), instead of shuffling")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="tiny",
                        help="AST size tiny, small or base (adjust with --dim/--depth/--heads), or efficientnet_b2 (the CMKD teacher)")

@@ -265,9 +265,16 @@ def read_path_list(path: str | Path) -> list[Path]:
     return [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
 
 
-def balanced_weights(examples: Sequence[Example]) -> Tensor:
-    """Sampling weight 1 / (examples of the same first label): every label is drawn equally often."""
-    counts: dict[str, int] = {}
-    for ex in examples:
-        counts[ex.labels[0]] = counts.get(ex.labels[0], 0) + 1
-    return torch.tensor([1.0 / counts[ex.labels[0]] for ex in examples], dtype=torch.double)
+def balanced_weights(examples: Sequence[Example], sources: Sequence[int] | None = None) -> Tensor:
+    """Sampling weights that draw every (first) label equally often and, within a label, every source (e.g. the
+    manifest an example came from) equally often: a few real clips of a word weigh as much as many synthetic ones."""
+    sources = list(sources) if sources is not None else [0] * len(examples)
+    per_pair: dict[tuple[str, int], int] = {}
+    for ex, source in zip(examples, sources, strict=True):
+        key = (ex.labels[0], source)
+        per_pair[key] = per_pair.get(key, 0) + 1
+    per_label: dict[str, int] = {}
+    for label, _ in per_pair:
+        per_label[label] = per_label.get(label, 0) + 1
+    return torch.tensor([1.0 / (per_label[ex.labels[0]] * per_pair[ex.labels[0], source])
+                         for ex, source in zip(examples, sources)], dtype=torch.double)

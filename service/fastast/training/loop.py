@@ -82,7 +82,7 @@ class TrainConfig:
     std: float | None = None
     task: str | None = None  # default: single-label when every example has one label
     noise_clips: Path | None = None  # text file of background-noise clips for augment.bg_noise
-    balance: bool = False  # draw every label equally often (with replacement) instead of shuffling
+    balance: bool = False  # draw every label, and within it every --train manifest, equally often (with replacement)
     teacher: Path | None = None
     lam: float = 0.1
     tau: float = 1.0
@@ -194,6 +194,7 @@ class Trainer:
         for path, examples in manifests.items():
             check_examples(examples, self.labels, str(path))
         self.train_examples = [ex for examples in manifests.values() for ex in examples]
+        self.train_sources = [k for k, examples in enumerate(manifests.values()) for _ in examples]
         self.val_examples = read_manifest(config.val)
         check_examples(self.val_examples, self.labels, str(config.val))
         self.task = config.task or infer_task(self.train_examples)
@@ -245,7 +246,7 @@ class Trainer:
         augment = AugmentConfig(**{**config.augment.to_dict(), "noise_scale": 2 * spec.std})
         train_set = AudioDataset(self.train_examples, self.labels, self.features, augment, seed=config.seed,
                                  noises=self._noises())
-        weights = balanced_weights(self.train_examples) if config.balance else None
+        weights = balanced_weights(self.train_examples, self.train_sources) if config.balance else None
         val_set = AudioDataset(self.val_examples, self.labels, self.features, seed=config.seed)
 
         network = self.network.to(device)
