@@ -11,7 +11,7 @@
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-REAL_EPOCHS=${REAL_EPOCHS:-10}
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10}"  # epochs of each real fine-tuning stage
 TOME_EPOCHS=${TOME_EPOCHS:-2}
 R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
@@ -105,14 +105,21 @@ else
     BEST="$WORK/student"
 fi
 
-# 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word drawn
-#    equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). Then "Train+Inf": the same
-#    data with r = R_TRAIN merged in every block, continuing from it at a lower rate.
+# 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
+#    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
+#    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1. Then
+#    "Train+Inf": the same data with r = R_TRAIN merged in every block, continuing from it at a lower rate.
 MIXED=(--train "$DATA/train.json" "$REAL_DATA/sc/train.json" "$REAL_DATA/fsdd/train.json" --val "$REAL_DATA/sc/val.json"
        --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
        --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
-"$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$BEST" --lr 3e-4 --warmup-steps 100 --epochs "$REAL_EPOCHS" \
-    --seed 0 --name default --out "$WORK/real"
+start=$BEST
+for ((k = 1; k <= ${#REAL_EPOCHS[@]}; k++)); do
+    dest="$WORK/real_stage$k"
+    if [ "$k" = "${#REAL_EPOCHS[@]}" ]; then dest="$WORK/real"; fi
+    "$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$start" --lr 3e-4 --warmup-steps 100 \
+        --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default --out "$dest"
+    start=$dest
+done
 "$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$WORK/real" --r-train "$R_TRAIN" --lr 1e-4 --warmup-steps 50 \
     --epochs "$TOME_EPOCHS" --seed 1 --name default-train-inf --out "$WORK/real_tome"
 

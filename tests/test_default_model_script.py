@@ -87,11 +87,13 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path)
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
-    fine, tome = trains[f"{work}/real"], trains[f"{work}/real_tome"]
-    assert calls.index(prepares[-1]) < calls.index(fine) < calls.index(tome)
-    assert args_of(fine, "--init") == f"{work}/{base}" and "--r-train" not in fine
+    first, fine, tome = trains[f"{work}/real_stage1"], trains[f"{work}/real"], trains[f"{work}/real_tome"]
+    assert calls.index(prepares[-1]) < calls.index(first) < calls.index(fine) < calls.index(tome)
+    assert args_of(first, "--init") == f"{work}/{base}" and args_of(fine, "--init") == f"{work}/real_stage1"
+    assert [args_of(c, "--seed") for c in (first, fine)] == ["0", "1"]
+    assert "--r-train" not in first + fine
     assert args_of(tome, "--init") == f"{work}/real" and args_of(tome, "--r-train") == "6"
-    for call in (fine, tome):
+    for call in (first, fine, tome):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/data/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
         assert args_of(call, "--val") == f"{real}/sc/val.json"  # real validation speakers pick the epoch
