@@ -87,13 +87,15 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path)
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
-    first, fine, tome = trains[f"{work}/real_stage1"], trains[f"{work}/real"], trains[f"{work}/real_tome"]
-    assert calls.index(prepares[-1]) < calls.index(first) < calls.index(fine) < calls.index(tome)
-    assert args_of(first, "--init") == f"{work}/{base}" and args_of(fine, "--init") == f"{work}/real_stage1"
-    assert [args_of(c, "--seed") for c in (first, fine)] == ["0", "1"]
-    assert "--r-train" not in first + fine
+    stages = [trains[f"{work}/real_stage{k}"] for k in (1, 2)] + [trains[f"{work}/real"]]
+    tome = trains[f"{work}/real_tome"]
+    assert calls.index(prepares[-1]) < calls.index(stages[0]) < calls.index(stages[-1]) < calls.index(tome)
+    starts = [f"{work}/{base}", f"{work}/real_stage1", f"{work}/real_stage2"]
+    assert [args_of(c, "--init") for c in stages] == starts
+    assert [args_of(c, "--seed") for c in stages] == ["0", "1", "2"]
+    assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/real" and args_of(tome, "--r-train") == "6"
-    for call in (first, fine, tome):
+    for call in (*stages, tome):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/data/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
         assert args_of(call, "--val") == f"{real}/sc/val.json"  # real validation speakers pick the epoch
