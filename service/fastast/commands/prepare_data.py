@@ -1,7 +1,7 @@
 """`fastast prepare-data`: dataset layouts -> AST manifests + labels.csv for `fastast train`.
 
-The `*-real` kinds read the folders of `shared/data/real/` (a clips.csv each) and split them deterministically:
-by speaker (seeded hash of the speaker id) for Speech Commands and FSDD, by fold for ESC-10.
+The speechcommands-real, fsdd and esc10 kinds read the folders of `shared/data/real/` (a clips.csv each) and split
+them deterministically: by speaker (seeded hash of the speaker id) for Speech Commands and FSDD, by fold for ESC-10.
 """
 
 from __future__ import annotations
