@@ -11,7 +11,7 @@
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10 8"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10 6"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 8}"  # epochs of each real fine-tuning stage
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6}"  # epochs of each real fine-tuning stage
 TOME_EPOCHS=${TOME_EPOCHS:-2}
 R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
