@@ -75,6 +75,23 @@ student() {
 
 student default "$WORK/student"
 
+# best_on_val MANIFEST MODEL...: evaluates each model on the validation MANIFEST at r=0 (MODEL.r0.json), prints the
+# accuracies to stderr and the best model (the first of equals) to stdout. Test splits never choose.
+best_on_val() {
+    local data=$1 model
+    shift
+    for model in "$@"; do
+        "$FASTAST" evaluate --model "$model" --data "$data" --r 0 --json > "$model.r0.json"
+    done
+    "$(dirname "$FASTAST")/python" - "$@" <<'PY'
+import json, sys
+acc = {m: json.load(open(f"{m}.r0.json"))["rows"][0]["value"] for m in sys.argv[1:]}
+for model, value in acc.items():
+    print(f"validation accuracy at r=0: {model} {value:.4f}", file=sys.stderr)
+print(max(acc, key=acc.get))
+PY
+}
+
 # 3. CMKD (WITH_TEACHER=1): an EfficientNet-B2 teacher, then a student distilled from it (lambda 0.1 on the labels,
 #    tau 1) in place of the plain student's stage CMKD_STAGE. Both are printed; the better on the synthetic
 #    validation split at r=0 of the CMKD student and the fully trained plain student is the base of step 4.
@@ -87,47 +104,36 @@ if [ "${WITH_TEACHER:-0}" = 1 ]; then
     "$FASTAST" distill --teacher "$WORK/teacher" --lambda 0.1 --tau 1.0 "${SPLITS[@]}" "${STUDENT[@]}" \
         $(stage_args "$CMKD_STAGE" "$WORK/student") --name default --out "$WORK/student_cmkd"
     "$FASTAST" evaluate --model "$WORK/teacher" --data "$DATA/test.json" --r 0 --write-card --variant Inf
-    for model in "student_stage$CMKD_STAGE" student_cmkd student; do
-        "$FASTAST" evaluate --model "$WORK/$model" --data "$DATA/val.json" --r 0 --json > "$WORK/$model.r0.json"
-    done
-    BEST=$("$(dirname "$FASTAST")/python" - "$WORK" "$CMKD_STAGE" <<'PY'
-import json, sys
-work, stage = sys.argv[1:3]
-models = (f"student_stage{stage}", "student_cmkd", "student")
-acc = {m: json.load(open(f"{work}/{m}.r0.json"))["rows"][0]["value"] for m in models}
-for model, value in acc.items():
-    print(f"validation accuracy at r=0: {model} {value:.4f}", file=sys.stderr)
-best = max(("student", "student_cmkd"), key=acc.get)
-print(f"{work}/{best}")
-PY
-)
+    BEST=$(best_on_val "$DATA/val.json" "$WORK/student" "$WORK/student_cmkd")
 else
     BEST="$WORK/student"
 fi
 
 # 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
-#    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
-#    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1. Then
-#    "Train+Inf": the same data with r = R_TRAIN merged in every block, continuing from it at a lower rate.
+#    it every source) drawn equally often; the real validation speakers pick the epoch and the stage ("Inf", trained
+#    at r=0). In stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and
+#    seed k-1. Then "Train+Inf": the same data with r = R_TRAIN merged in every block, continuing from the chosen
+#    stage at a lower rate.
 MIXED=(--train "$DATA/train.json" "$REAL_DATA/sc/train.json" "$REAL_DATA/fsdd/train.json" --val "$REAL_DATA/sc/val.json"
        --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
        --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
+REAL_STAGES=()
 start=$BEST
 for ((k = 1; k <= ${#REAL_EPOCHS[@]}; k++)); do
-    dest="$WORK/real_stage$k"
-    if [ "$k" = "${#REAL_EPOCHS[@]}" ]; then dest="$WORK/real"; fi
+    REAL_STAGES+=("$WORK/real_stage$k")
     "$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$start" --lr 3e-4 --warmup-steps 100 \
-        --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default --out "$dest"
-    start=$dest
+        --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default --out "$WORK/real_stage$k"
+    start="$WORK/real_stage$k"
 done
-"$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$WORK/real" --r-train "$R_TRAIN" --lr 1e-4 --warmup-steps 50 \
+REAL_BEST=$(best_on_val "$REAL_DATA/sc/val.json" "${REAL_STAGES[@]}")  # a later stage can do worse on the few speakers
+"$FASTAST" train "${MIXED[@]}" "${STUDENT[@]}" --init "$REAL_BEST" --r-train "$R_TRAIN" --lr 1e-4 --warmup-steps 50 \
     --epochs "$TOME_EPOCHS" --seed 1 --name default-train-inf --out "$WORK/real_tome"
 
 # 5. Ship the real-voice student and store both r tables, measured on the real test speakers, in its card; print
 #    the per-speaker accuracy and the synthetic test accuracy (the test splits only report).
 rm -rf "$OUT"
 mkdir -p "$OUT"
-cp "$WORK/real/model.safetensors" "$WORK/real/card.json" "$OUT/"
+cp "$REAL_BEST/model.safetensors" "$REAL_BEST/card.json" "$OUT/"
 "$FASTAST" evaluate --model "$OUT" --data "$REAL_DATA/sc/test.json" --r "$R_SWEEP" --threads "$THREADS" --write-card \
     --variant Inf --plot docs/default_model_r.png --per-speaker
 "$FASTAST" evaluate --model "$WORK/real_tome" --data "$REAL_DATA/sc/test.json" --r "$R_SWEEP" --threads "$THREADS" \
