@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastast.training.evaluate import SweepResult
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -42,7 +46,7 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def per_speaker(result, manifest: Path) -> dict[str, dict[str, list[int]]]:
+def per_speaker(result: SweepResult, manifest: Path) -> dict[str, dict[str, list[int]]]:
     """r -> speaker -> [correct, clips], from the manifest's "speaker" keys (prepare-data writes them)."""
     from fastast.training.data import DataError, read_manifest
     from fastast.training.evaluate import accuracy_by_group
