@@ -44,7 +44,7 @@ system-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# Reproduce model_store/default end to end: synthetic data, CNN teacher, students, evaluation tables.
+# Reproduce model_store/default end to end: real and synthetic data, synthetic student, real fine-tune, tables on real speakers.
 default-model: $(STAMP) system-deps
 	bash scripts/default_model.sh
 

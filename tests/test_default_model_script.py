@@ -1,4 +1,5 @@
-"""scripts/default_model.sh (`make default-model`) chains its stages and picks the shipped student correctly.
+"""scripts/default_model.sh (`make default-model`) chains its stages, fine-tunes the right base on real voices and
+measures the shipped tables on the real test speakers.
 
 The real run takes hours, so here `fastast` is a stand-in that records each call, writes the folder it is
 asked for (the weights file holds the folder's name) and answers `evaluate --json` with an accuracy set
@@ -36,7 +37,7 @@ fi
 """
 
 
-def run_script(tmp_path: Path, accuracy: dict[str, float]) -> tuple[list[str], Path]:
+def run_script(tmp_path: Path, accuracy: dict[str, float], with_teacher: bool) -> tuple[list[str], Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "fastast"
@@ -49,6 +50,9 @@ def run_script(tmp_path: Path, accuracy: dict[str, float]) -> tuple[list[str], P
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "FASTAST": str(fake),
         "DATA": str(tmp_path / "data"),
+        "REAL": str(tmp_path / "shared"),
+        "REAL_DATA": str(tmp_path / "real"),
+        "WITH_TEACHER": "1" if with_teacher else "0",
         "WORK": str(tmp_path / "work"),
         "OUT": str(out),
         "FAKE_LOG": str(log),
@@ -65,37 +69,72 @@ def args_of(call: str, flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
-@pytest.mark.parametrize("cmkd_wins", [False, True])
-def test_script_chains_stages_and_ships_the_better_student_on_validation(tmp_path, cmkd_wins):
-    plain, cmkd = (0.80, 0.85) if cmkd_wins else (0.85, 0.80)
-    calls, out = run_script(tmp_path, {"student_stage4": 0.83, "student_cmkd": cmkd, "student": plain})
-    work = tmp_path / "work"
+def plain_stages(calls: list[str], work: Path) -> list[str]:
+    """The synthetic student's stages, checked to chain: stage 1 from scratch, stage k from stage k-1."""
+    stages = [c for c in calls if c.startswith("train") and args_of(c, "--out").startswith(f"{work}/student")]
+    assert len(stages) == 5
+    assert "--init" not in stages[0]
+    for k, call in enumerate(stages[1:], start=2):
+        assert args_of(call, "--init") == f"{work}/student_stage{k - 1}"
+        assert args_of(call, "--seed") == str(k - 1)
+    assert args_of(stages[-1], "--out") == f"{work}/student"
+    return stages
 
+
+def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str) -> None:
+    """Real data prepared first; the base fine-tuned on mixed data in stages; the stage that ships and that Train+Inf
+    continues from is the best on real validation speakers; tables on the real test speakers."""
+    work, real = tmp_path / "work", tmp_path / "real"
+    prepares = [c for c in calls if c.startswith("prepare-data")]
+    assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
+    trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
+    stages = [trains[f"{work}/real_stage{k}"] for k in (1, 2, 3)]
+    tome = trains[f"{work}/real_tome"]
+    assert calls.index(prepares[-1]) < calls.index(stages[0]) < calls.index(stages[-1]) < calls.index(tome)
+    starts = [f"{work}/{base}", f"{work}/real_stage1", f"{work}/real_stage2"]
+    assert [args_of(c, "--init") for c in stages] == starts
+    assert [args_of(c, "--seed") for c in stages] == ["0", "1", "2"]
+    assert not any("--r-train" in c for c in stages)
+    assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
+    for call in (*stages, tome):
+        manifests = call.split("--train ")[1].split(" --")[0].split()
+        assert manifests == [f"{tmp_path}/data/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
+        assert args_of(call, "--val") == f"{real}/sc/val.json"  # real validation speakers pick the epoch
+        assert "--balance" in call and args_of(call, "--noise-clips") == f"{real}/sc/noise.txt"
+    choices = [c for c in calls if c.startswith("evaluate") and "--json" in c]
+    assert all(args_of(c, "--data").endswith("val.json") for c in choices)  # never picks on test
+    assert {args_of(c, "--model") for c in choices if args_of(c, "--data") == f"{real}/sc/val.json"} == {
+        f"{work}/real_stage{k}" for k in (1, 2, 3)}
+    assert (out / "model.safetensors").read_text().strip() == shipped
+    sweeps = [c for c in calls if c.startswith("evaluate") and "--write-card" in c and "--r 0,2" in c]
+    assert [args_of(c, "--variant") for c in sweeps] == ["Inf", "Train+Inf"]
+    assert all(args_of(c, "--data") == f"{real}/sc/test.json" for c in sweeps)
+    assert args_of(sweeps[1], "--model") == f"{work}/real_tome" and args_of(sweeps[1], "--card") == str(out)
+
+
+REAL_STAGES = {"real_stage1": 0.60, "real_stage2": 0.70, "real_stage3": 0.66}
+
+
+def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path):
+    calls, out = run_script(tmp_path, REAL_STAGES, with_teacher=False)
     assert calls[0].startswith("synth-commands")
-    trains = [c for c in calls if c.startswith("train") and "efficientnet_b2" not in c]
-    plain_stages = [c for c in trains if "--r-train" not in c]
-    tome_stages = [c for c in trains if "--r-train 6" in c]
-    assert len(plain_stages) == len(tome_stages) == 5
-    for stages, name in ((plain_stages, "student"), (tome_stages, "student_tome")):
-        assert "--init" not in stages[0]  # stage 1 starts from scratch
-        for k, call in enumerate(stages[1:], start=2):
-            assert args_of(call, "--init") == f"{work}/{name}_stage{k - 1}"
-            assert args_of(call, "--seed") == str(k - 1)
-        assert args_of(stages[-1], "--out") == f"{work}/{name}"
+    plain_stages(calls, tmp_path / "work")
+    assert not any("efficientnet_b2" in c or c.startswith("distill") for c in calls)
+    check_real_fine_tune(calls, tmp_path, "student", out, shipped="real_stage2")
 
+
+@pytest.mark.parametrize("cmkd_wins", [False, True])
+def test_with_the_teacher_the_better_student_on_validation_is_the_base(tmp_path, cmkd_wins):
+    plain, cmkd = (0.80, 0.85) if cmkd_wins else (0.85, 0.80)
+    calls, out = run_script(tmp_path, {"student_cmkd": cmkd, "student": plain, **REAL_STAGES, "real_stage3": 0.75},
+                            with_teacher=True)
+    work = tmp_path / "work"
+    stages = plain_stages(calls, work)
     teacher = next(c for c in calls if "--arch efficientnet_b2" in c)
     distill = next(c for c in calls if c.startswith("distill"))
     assert calls.index(teacher) < calls.index(distill)
     # CMKD replaces stage 4: same start, rate, epochs and seed as the plain stage 4.
-    stage4 = plain_stages[3]
     assert args_of(distill, "--init") == f"{work}/student_stage3"
     for flag in ("--lr", "--epochs", "--seed", "--warmup-steps"):
-        assert args_of(distill, flag) == args_of(stage4, flag), flag
-
-    choices = [c for c in calls if c.startswith("evaluate") and "--json" in c]
-    assert choices and all(args_of(c, "--data").endswith("val.json") for c in choices)  # never picks on test
-    shipped = (out / "model.safetensors").read_text().strip()
-    assert shipped == ("student_cmkd" if cmkd_wins else "student")
-    sweeps = [c for c in calls if c.startswith("evaluate") and "--write-card" in c and "--r 0,2" in c]
-    assert [args_of(c, "--variant") for c in sweeps] == ["Inf", "Train+Inf"]
-    assert all(args_of(c, "--data").endswith("test.json") for c in sweeps)
+        assert args_of(distill, flag) == args_of(stages[3], flag), flag
+    check_real_fine_tune(calls, tmp_path, "student_cmkd" if cmkd_wins else "student", out, shipped="real_stage3")

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastast.training.evaluate import SweepResult
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -18,15 +22,19 @@ def handle(args: argparse.Namespace) -> int:
     result = run_evaluation(args.model, args.data, parse_r_values(args.r), batch_size=args.batch_size,
                             device=args.device, workers=args.workers, variant=args.variant)
     rows = [row.model_dump(exclude_none=True) for row in result.rows]
+    speakers = per_speaker(result, args.data) if args.per_speaker else None
     if args.json:
         print(json.dumps({"model": str(args.model), "data": str(args.data), "samples": result.samples,
-                          "skipped": result.failed, "rows": rows}, indent=1))
+                          "skipped": result.failed, "rows": rows,
+                          **({"per_speaker": speakers} if speakers is not None else {})}, indent=1))
     else:
         metric = result.rows[0].metric
         print(f"{'r':>4}  {metric:>9}  {'drop':>8}  {'S/s':>9}")
         for row in result.rows:
             print(f"{row.r:>4}  {row.value:>9.4f}  {row.drop:>8.4f}  {row.samples_per_s or 0:>9.1f}")
         print(f"{result.samples} samples, {len(result.failed)} skipped")
+        if speakers is not None:
+            print_per_speaker(speakers)
     if args.plot:
         from fastast.training.plot import plot_rows
 
@@ -38,7 +46,29 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def per_speaker(result: SweepResult, manifest: Path) -> dict[str, dict[str, list[int]]]:
+    """r -> speaker -> [correct, clips], from the manifest's "speaker" keys (prepare-data writes them)."""
+    from fastast.training.data import DataError, read_manifest
+    from fastast.training.evaluate import accuracy_by_group
+
+    speakers = [ex.speaker for ex in read_manifest(manifest)]
+    if result.failed or not all(speakers):
+        raise DataError(f"--per-speaker needs every clip of {manifest} decoded and with a speaker")
+    return {str(r): {s: list(t) for s, t in accuracy_by_group(scores, result.target, speakers).items()}
+            for r, scores in result.scores.items()}
+
+
+def print_per_speaker(speakers: dict[str, dict[str, list[int]]]) -> None:
+    """Per-speaker accuracy at the first r, worst first, and its spread."""
+    r, table = next(iter(speakers.items()))
+    share = sorted((c / n, s, c, n) for s, (c, n) in table.items())
+    print(f"per speaker at r={r} ({len(share)} speakers): min {share[0][0]:.3f}, "
+          f"median {share[len(share) // 2][0]:.3f}, max {share[-1][0]:.3f}")
+    for value, speaker, correct, clips in share:
+        print(f"  {speaker:>12}  {value:.3f}  ({correct}/{clips})")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="accuracy/mAP and samples/s against r", description=__doc__)
     parser.add_argument("--model", type=Path, required=True, help="model_store folder")
     parser.add_argument("--data", type=Path, required=True, help="AST-format manifest; labels must be the model's")
@@ -54,4 +84,6 @@ def register(subparsers) -> None:
                              "sibling's table in the shipped model's card); rows then name the evaluated weights")
     parser.add_argument("--variant", default=None, help='label of these rows, e.g. "Inf" or "Train+Inf"')
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--per-speaker", action="store_true",
+                        help="also report accuracy per speaker (the manifest's \"speaker\" keys)")
     parser.set_defaults(func=handle)

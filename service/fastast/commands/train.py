@@ -10,12 +10,16 @@ from pathlib import Path
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """The options `train` and `distill` share."""
     data = parser.add_argument_group("data")
-    data.add_argument("--train", type=Path, required=True, help="AST-format training manifest (JSON)")
+    data.add_argument("--train", type=Path, nargs="+", required=True,
+                      help="AST-format training manifest(s) (JSON); several are trained on together")
     data.add_argument("--val", type=Path, required=True, help="validation manifest; picks the best epoch")
     data.add_argument("--labels", type=Path, required=True, help="label CSV: index,mid,display_name")
     data.add_argument("--task", choices=("single-label", "multi-label"), default=None,
                       help="default: single-label when every example has exactly one label")
     data.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--balance", action="store_true",
+                      help="draw every label equally often, and within a label every --train manifest equally "
+                      "often (with replacement), instead of shuffling")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="tiny",
                        help="AST size tiny, small or base (adjust with --dim/--depth/--heads), or efficientnet_b2 (the CMKD teacher)")
@@ -50,6 +54,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     aug.add_argument("--mixup", type=float, default=0.0, help="waveform mixup probability, lambda ~ Beta(10,10)")
     aug.add_argument("--noise", action="store_true", help="AST's Speech Commands noise")
     aug.add_argument("--shift", type=int, default=0, help="random circular time shift in frames (AST SC: 10)")
+    aug.add_argument("--speed", type=float, default=0.0,
+                     help="speed perturbation: resample by a factor in [1-SPEED, 1+SPEED] (tempo and pitch)")
+    aug.add_argument("--gain-db", type=float, default=0.0, help="random gain in [-GAIN_DB, GAIN_DB] dB")
+    aug.add_argument("--reverb", type=float, default=0.0, help="probability of a synthetic room reverb")
+    aug.add_argument("--noise-clips", type=Path, default=None,
+                     help="text file of background-noise clips, one path a line (prepare-data's noise.txt)")
+    aug.add_argument("--bg-noise", type=float, default=0.0,
+                     help="probability of adding one of --noise-clips at a random SNR")
+    aug.add_argument("--snr-db", type=float, nargs=2, default=(0.0, 20.0), metavar=("MIN", "MAX"),
+                     help="SNR range of the background noise")
     parser.add_argument("--out", type=Path, required=True, help="output model_store folder")
     parser.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
 
@@ -59,10 +73,13 @@ def config_from_args(args: argparse.Namespace, **extra):
     from fastast.training.loop import TrainConfig
 
     timem = args.timem if args.timem is not None else round(0.2 * args.target_length)
-    augment = AugmentConfig(freqm=args.freqm, timem=timem, mixup=args.mixup, noise=args.noise, shift=args.shift)
+    augment = AugmentConfig(freqm=args.freqm, timem=timem, mixup=args.mixup, noise=args.noise, shift=args.shift,
+                            speed=args.speed, gain_db=args.gain_db, reverb=args.reverb, bg_noise=args.bg_noise,
+                            snr_db=tuple(args.snr_db))
     keys = ("train", "val", "labels", "out", "arch", "dim", "depth", "heads", "fstride", "tstride", "target_length",
             "epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "schedule", "step_start", "gamma", "clip",
-            "device", "threads", "seed", "init", "resume", "workers", "r_train", "mean", "std", "task", "name")
+            "device", "threads", "seed", "init", "resume", "workers", "r_train", "mean", "std", "task", "name",
+            "noise_clips", "balance")
     command = " ".join(["fastast", args.command, *_as_options(args)])
     return TrainConfig(**{k: getattr(args, k) for k in keys}, augment=augment, command=command, **extra)
 
@@ -74,7 +91,8 @@ def _as_options(args: argparse.Namespace) -> list[str]:
         if key in ("command", "func") or value is None or value is False:
             continue
         flag = "--lambda" if key == "lam" else "--" + key.replace("_", "-")
-        words += [flag] if value is True else [flag, shlex.quote(str(value))]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        words += [flag] if value is True else [flag, *(shlex.quote(str(v)) for v in values)]
     return words
 
 
@@ -93,6 +111,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise DataError("--r-train needs an AST arch (the CNN has no tokens to merge)")
     if (args.mean is None) != (args.std is None):
         raise DataError("give both --mean and --std, or neither")
+    if args.bg_noise > 0 and args.noise_clips is None:
+        raise DataError("--bg-noise needs --noise-clips")
+    if not 0 <= args.speed < 1:
+        raise DataError("--speed must be in [0, 1)")
 
 
 def report(card, out: Path) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from fastast.errors import FastASTError
 from fastast.model.card import Label, read_label_csv
-from fastast.training.augment import AugmentConfig, augment_fbank, mix_waveforms
+from fastast.training.augment import AugmentConfig, augment_fbank, augment_wave, mix_waveforms
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
@@ -37,6 +37,7 @@ class DataError(FastASTError, ValueError):
 class Example:
     path: Path
     labels: tuple[str, ...]  # label mids
+    speaker: str = ""  # who spoke it, where known (manifest key "speaker"): for per-speaker accuracy
 
 
 def read_manifest(path: str | Path) -> list[Example]:
@@ -62,20 +63,22 @@ def read_manifest(path: str | Path) -> list[Example]:
         mids = tuple(m.strip() for m in row["labels"].split(",") if m.strip())
         if not mids:
             raise DataError(f"{path}: entry {i} ({row['wav']}) has no labels")
-        examples.append(Example(wav, mids))
+        examples.append(Example(wav, mids, str(row.get("speaker", ""))))
     return examples
 
 
 def write_manifest(path: str | Path, examples: Sequence[Example]) -> Path:
-    """Write an AST manifest; paths inside the manifest's folder are stored relative to it."""
+    """Write an AST manifest; paths inside the manifest's folder are stored relative to it. A known speaker is
+    stored as an extra "speaker" key, which AST's own loader ignores."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
     rows = []
     for ex in examples:
         wav = ex.path.resolve()
-        rows.append({"wav": str(wav.relative_to(base)) if wav.is_relative_to(base) else str(wav),
-                     "labels": ",".join(ex.labels)})
+        row = {"wav": str(wav.relative_to(base)) if wav.is_relative_to(base) else str(wav),
+               "labels": ",".join(ex.labels)}
+        rows.append({**row, "speaker": ex.speaker} if ex.speaker else row)
     path.write_text(json.dumps({"data": rows}, indent=1) + "\n")
     return path
 
@@ -169,7 +172,8 @@ class Sample:
 
 
 class AudioDataset(Dataset):
-    """Decode -> (mixup) -> Kaldi fbank -> pad/trim -> SpecAugment / noise / shift.
+    """Decode -> (mixup) -> speed / reverb / background noise / gain -> Kaldi fbank -> pad/trim ->
+    SpecAugment / noise / shift. `noises` are the background-noise waveforms the augmentation draws from.
 
     Randomness comes from (seed, epoch, index), so augmentation is reproducible and a resumed run
     draws what the interrupted one would have drawn.
@@ -182,12 +186,14 @@ class AudioDataset(Dataset):
         features: FeatureSpec,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        noises: Sequence[np.ndarray] = (),
     ):
         self.examples = list(examples)
         self.labels = labels
         self.features = features
         self.augment = augment or AugmentConfig.off()
         self.seed = seed
+        self.noises = list(noises)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -220,6 +226,8 @@ class AudioDataset(Dataset):
                 target = lam * target + (1 - lam) * self.labels.encode(self.examples[j].labels)
             except (FastASTError, OSError, RuntimeError, ValueError) as exc:
                 failed.append(f"{self.examples[j].path}: {exc}")
+        if self.augment.on_waveform:
+            wave = augment_wave(wave, self.features.sample_rate, self.augment, rng, self.noises)
         fbank = kaldi_fbank(torch.from_numpy(np.ascontiguousarray(wave)), self.features.sample_rate,
                             num_mel_bins=self.features.num_mel_bins)
         fbank = pad_or_trim(fbank, self.features.target_length)
@@ -243,3 +251,30 @@ def collate(samples: list[Sample]) -> Batch:
     if not good:
         return Batch(torch.empty(0), torch.empty(0), failed)
     return Batch(torch.stack([s.fbank for s in good]), torch.stack([s.target for s in good]), failed)
+
+
+def read_path_list(path: str | Path) -> list[Path]:
+    """A text file of audio paths, one a line; relative paths resolve against the file's folder."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    if not lines:
+        raise DataError(f"{path}: no paths")
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
+
+
+def balanced_weights(examples: Sequence[Example], sources: Sequence[int] | None = None) -> Tensor:
+    """Sampling weights that draw every (first) label equally often and, within a label, every source (e.g. the
+    manifest an example came from) equally often: a few real clips of a word weigh as much as many synthetic ones."""
+    sources = list(sources) if sources is not None else [0] * len(examples)
+    per_pair: dict[tuple[str, int], int] = {}
+    for ex, source in zip(examples, sources, strict=True):
+        key = (ex.labels[0], source)
+        per_pair[key] = per_pair.get(key, 0) + 1
+    per_label: dict[str, int] = {}
+    for label, _ in per_pair:
+        per_label[label] = per_label.get(label, 0) + 1
+    return torch.tensor([1.0 / (per_label[ex.labels[0]] * per_pair[ex.labels[0], source])
+                         for ex, source in zip(examples, sources)], dtype=torch.double)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,19 @@ class SweepResult:
     rows: list[RTableRow]
     samples: int
     failed: list[str]
+    scores: dict[int, Tensor] = field(default_factory=dict)  # r -> [samples, classes], in loader order
+    target: Tensor | None = None
+
+
+def accuracy_by_group(scores: Tensor, target: Tensor, groups: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """group -> (correct, total) top-1 answers, e.g. per speaker: a mean hides the speakers a model fails."""
+    correct = (scores.argmax(dim=-1) == target.argmax(dim=-1)).tolist()
+    counts: dict[str, list[int]] = {}
+    for group, ok in zip(groups, correct, strict=True):
+        tally = counts.setdefault(group, [0, 0])
+        tally[0] += int(ok)
+        tally[1] += 1
+    return {group: (c, n) for group, (c, n) in sorted(counts.items())}
 
 
 def sweep(
@@ -101,14 +114,15 @@ def sweep(
         return SweepResult([], 0, failed)
     target = torch.cat(targets)
     name = metric_name(task)
-    values = {r: metric_value(task, torch.cat(scores[r]), target) for r in r_values}
+    stacked = {r: torch.cat(scores[r]) for r in r_values}
+    values = {r: metric_value(task, stacked[r], target) for r in r_values}
     base = values[r_values[0]]
     rows = [
         RTableRow(r=r, metric=name, value=round(values[r], 6), drop=round(base - values[r], 6),
                   samples_per_s=round(samples / seconds[r], 2) if seconds[r] > 0 else None, variant=variant)
         for r in r_values
     ]
-    return SweepResult(rows, samples, failed)
+    return SweepResult(rows, samples, failed, stacked, target)
 
 
 def run_evaluation(

@@ -15,9 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from fastast.device import resolve_device
 from fastast.errors import CheckpointError
@@ -33,10 +34,12 @@ from fastast.training.data import (
     DataError,
     FeatureSpec,
     LabelSet,
+    balanced_weights,
     check_examples,
     collate,
     infer_task,
     read_manifest,
+    read_path_list,
 )
 from fastast.training.losses import cmkd_loss, label_loss
 
@@ -46,7 +49,7 @@ STATS_FILES = 400  # training files read to estimate the normalisation mean/std
 
 @dataclass
 class TrainConfig:
-    train: Path
+    train: Path | list[Path]  # one manifest, or several trained on together
     val: Path
     labels: Path
     out: Path
@@ -78,6 +81,8 @@ class TrainConfig:
     mean: float | None = None
     std: float | None = None
     task: str | None = None  # default: single-label when every example has one label
+    noise_clips: Path | None = None  # text file of background-noise clips for augment.bg_noise
+    balance: bool = False  # draw every label, and within it every --train manifest, equally often (with replacement)
     teacher: Path | None = None
     lam: float = 0.1
     tau: float = 1.0
@@ -132,12 +137,22 @@ def learning_rate(config: TrainConfig, step: int, epoch: int, total_steps: int, 
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_loader(dataset: AudioDataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(dataset: AudioDataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0,
+                weights: Tensor | None = None) -> DataLoader:
+    """Batches of `dataset`: in order, shuffled, or (with per-example `weights`) drawn with replacement."""
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if weights is not None:
+        sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+        shuffle = False
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, collate_fn=collate,
         generator=generator, worker_init_fn=_worker_init, persistent_workers=False,
     )
+
+
+def manifest_paths(train: Path | list[Path]) -> list[Path]:
+    return list(train) if isinstance(train, (list, tuple)) else [train]
 
 
 def _worker_init(_: int) -> None:
@@ -175,9 +190,12 @@ class Trainer:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.labels = LabelSet.from_csv(config.labels)
-        self.train_examples = read_manifest(config.train)
+        manifests = {path: read_manifest(path) for path in manifest_paths(config.train)}
+        for path, examples in manifests.items():
+            check_examples(examples, self.labels, str(path))
+        self.train_examples = [ex for examples in manifests.values() for ex in examples]
+        self.train_sources = [k for k, examples in enumerate(manifests.values()) for _ in examples]
         self.val_examples = read_manifest(config.val)
-        check_examples(self.train_examples, self.labels, str(config.train))
         check_examples(self.val_examples, self.labels, str(config.val))
         self.task = config.task or infer_task(self.train_examples)
         if self.task not in ("single-label", "multi-label"):
@@ -226,7 +244,9 @@ class Trainer:
         plain_set = AudioDataset(self.train_examples, self.labels, self.features, seed=config.seed)
         spec = self._input_spec(plain_set) if not config.resume else InputSpec(**json.loads((ckpt_dir / "state.json").read_text())["input"])
         augment = AugmentConfig(**{**config.augment.to_dict(), "noise_scale": 2 * spec.std})
-        train_set = AudioDataset(self.train_examples, self.labels, self.features, augment, seed=config.seed)
+        train_set = AudioDataset(self.train_examples, self.labels, self.features, augment, seed=config.seed,
+                                 noises=self._noises())
+        weights = balanced_weights(self.train_examples, self.train_sources) if config.balance else None
         val_set = AudioDataset(self.val_examples, self.labels, self.features, seed=config.seed)
 
         network = self.network.to(device)
@@ -247,7 +267,8 @@ class Trainer:
 
         for epoch in range(state["epoch"], config.epochs):
             train_set.set_epoch(epoch)
-            loader = make_loader(train_set, config.batch_size, config.workers, shuffle=True, seed=config.seed + epoch)
+            loader = make_loader(train_set, config.batch_size, config.workers, shuffle=True, seed=config.seed + epoch,
+                                 weights=weights)
             stats = self._train_epoch(loader, optimizer, prepare, teacher_prepare, state, epoch, total_steps, warmup)
             val = self._validate(val_set, prepare)
             state["epoch"] = epoch + 1
@@ -264,6 +285,14 @@ class Trainer:
         if not (out / "card.json").is_file():  # resumed after the last epoch, or no epoch ran
             card = save_model(out, network, self._card(spec, augment, init_notes, state))
         return ModelCard.load(out / "card.json")
+
+    def _noises(self) -> list[np.ndarray]:
+        """The background-noise clips of --noise-clips, decoded once (the data workers share them)."""
+        from fastast.audio import load_audio
+
+        if self.config.noise_clips is None:
+            return []
+        return [load_audio(path, self.features.sample_rate) for path in read_path_list(self.config.noise_clips)]
 
     def _forward(self, network: nn.Module, features: Tensor, r: int) -> Tensor:
         return network(features, r) if isinstance(network, AST) else network(features)
@@ -342,7 +371,8 @@ class Trainer:
         provenance = {
             "source": "fastast distill" if self.teacher else "fastast train",
             "command": config.command,
-            "data": {"train": str(config.train), "val": str(config.val), "labels": str(config.labels),
+            "data": {"train": " ".join(map(str, manifest_paths(config.train))), "val": str(config.val),
+                     "labels": str(config.labels),
                      "train_examples": len(self.train_examples), "val_examples": len(self.val_examples)},
             "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
                          if k not in ("command", "augment", "train", "val", "labels", "out")},

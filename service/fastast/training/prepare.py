@@ -41,7 +41,7 @@ class Prepared:
         return f"wrote {self.out}: {parts} (+ labels.csv){miss}"
 
 
-def _write(out: Path, splits: dict[str, Sequence[Example]], labels: Sequence[Label], missing: list[str] | None = None) -> Prepared:
+def write_splits(out: Path, splits: dict[str, Sequence[Example]], labels: Sequence[Label], missing: list[str] | None = None) -> Prepared:
     out.mkdir(parents=True, exist_ok=True)
     for name, examples in splits.items():
         if not examples:
@@ -65,11 +65,16 @@ def prepare_esc50(root: str | Path, out: str | Path) -> Prepared:
                  for row in rows]
     except (KeyError, ValueError, IndexError) as exc:
         raise DataError(f"{meta}: expected columns filename,fold,target ({exc})") from None
+    return write_splits(out, fold_splits(items), labels)
+
+
+def fold_splits(items: Sequence[tuple[int, Example]]) -> dict[str, list[Example]]:
+    """(fold, example) pairs -> fold{k}_eval (fold k) and fold{k}_train (the other folds) for k = 1..5."""
     splits = {}
     for fold in range(1, ESC50_FOLDS + 1):
         splits[f"fold{fold}_train"] = [ex for k, ex in items if k != fold]
         splits[f"fold{fold}_eval"] = [ex for k, ex in items if k == fold]
-    return _write(out, splits, labels)
+    return splits
 
 
 def prepare_speechcommands(root: str | Path, out: str | Path) -> Prepared:
@@ -91,7 +96,7 @@ def prepare_speechcommands(root: str | Path, out: str | Path) -> Prepared:
             rel = f"{word_dir.name}/{wav.name}"
             split = "val" if rel in held_out["validation"] else "test" if rel in held_out["testing"] else "train"
             splits[split].append(Example(wav, (by_word[word_dir.name],)))
-    return _write(out, splits, labels)
+    return write_splits(out, splits, labels)
 
 
 def read_audioset_segments(path: Path) -> list[tuple[str, float, list[str]]]:
@@ -135,10 +140,10 @@ def prepare_audioset(segments_csv: str | Path, audio_dir: str | Path, out: str |
         examples.append(Example(path, tuple(mids)))
     if not examples:
         raise DataError(f"none of the {len(segments)} segments of {segments_csv} has a clip in {audio_dir}")
-    return _write(Path(out), {name: examples}, labels, missing)
+    return write_splits(Path(out), {name: examples}, labels, missing)
 
 
 def prepare_folder(root: str | Path, out: str | Path, name: str = "train") -> Prepared:
     """CLASS/*.wav -> NAME.json + labels.csv (labels named after the folders)."""
     examples, labels = scan_class_folders(root)
-    return _write(Path(out), {name: examples}, labels)
+    return write_splits(Path(out), {name: examples}, labels)

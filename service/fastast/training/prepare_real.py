@@ -1,0 +1,133 @@
+"""Preparers for the real recordings in `shared/data/real/` (each folder has a `clips.csv`):
+
+- Speech Commands v0.02 test clips: split by speaker into train / val / test over the 35-word labels of
+  `model_store/default`; the `_silence_` clips (no speaker) become `noise.txt`, background noise for augmentation.
+- FSDD: digits 0-9 as the words zero ... nine, split by speaker, resampled to 16 kHz and centred in one second
+  (written as FLAC under OUT/audio/), so they look like Speech Commands clips.
+- ESC-10: fold{k}_train / fold{k}_eval for k = 1..5 (clips cut from one recording share a fold).
+
+A speaker's split depends only on (seed, speaker id), never on file order or on which other speakers exist, so
+adding clips never moves a speaker to another split, and the test speakers are never used to train or select.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from fastast.audio import load_audio
+from fastast.model.card import Label, bundled_labels
+from fastast.training.data import DataError, Example
+from fastast.training.prepare import Prepared, fold_splits, write_splits
+
+SAMPLE_RATE = 16000
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SILENCE = "_silence_"
+
+
+def read_clips(root: Path, columns: Iterable[str]) -> list[dict[str, str]]:
+    """Rows of ROOT/clips.csv, checked for the columns a preparer needs."""
+    path = root / "clips.csv"
+    if not path.is_file():
+        raise DataError(f"no clips.csv in {root}")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = set(columns) - set(rows[0] if rows else {})
+    if missing:
+        raise DataError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return rows
+
+
+def split_speakers(speakers: Iterable[str], seed: int, test: int, val: int) -> dict[str, str]:
+    """speaker -> "test" | "val" | "train": speakers ordered by sha256(seed:speaker), the first `test` to test,
+    the next `val` to val. The order of a speaker depends on nothing else, so the split is reproducible."""
+    unique = sorted(set(speakers))
+    if test < 1 or val < 1 or test + val >= len(unique):
+        raise DataError(f"{len(unique)} speakers cannot give {test} test, {val} val and at least one train speaker")
+    ranked = sorted(unique, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    return {s: "test" if i < test else "val" if i < test + val else "train" for i, s in enumerate(ranked)}
+
+
+def _write_speakers(out: Path, split_of: dict[str, str], seed: int) -> None:
+    by_split = {name: sorted(s for s, k in split_of.items() if k == name) for name in ("train", "val", "test")}
+    (out / "speakers.json").write_text(json.dumps({"seed": seed, **by_split}, indent=1) + "\n")
+
+
+def _group(items: list[tuple[str, Example]], split_of: dict[str, str]) -> dict[str, list[Example]]:
+    splits: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+    for speaker, example in items:
+        splits[split_of[speaker]].append(example)
+    return splits
+
+
+def prepare_real_speechcommands(root: str | Path, out: str | Path, seed: int = 0, test_speakers: int = 40,
+                                val_speakers: int = 20) -> Prepared:
+    """speech_commands_test_v0.02/ -> train/val/test.json (35 words), noise.txt, speakers.json, labels.csv."""
+    root, out = Path(root), Path(out)
+    rows = read_clips(root, ("path", "word", "speaker"))
+    labels = bundled_labels("speechcommands")
+    mid_of = {label.display_name: label.mid for label in labels}
+    items, noise = [], []
+    for row in rows:
+        if row["word"] == SILENCE:
+            noise.append(str((root / row["path"]).resolve()))
+        elif row["word"] in mid_of and row["speaker"]:
+            items.append((row["speaker"], Example(root / row["path"], (mid_of[row["word"]],), row["speaker"])))
+        else:
+            raise DataError(f"{root / 'clips.csv'}: {row['path']} has word {row['word']!r} "
+                            f"and speaker {row['speaker']!r}; expected a 35-word clip with a speaker, or {SILENCE}")
+    split_of = split_speakers((s for s, _ in items), seed, test_speakers, val_speakers)
+    prepared = write_splits(out, _group(items, split_of), labels)
+    (out / "noise.txt").write_text("".join(f"{path}\n" for path in sorted(noise)))
+    _write_speakers(out, split_of, seed)
+    return prepared
+
+
+def centre_in_second(wave: np.ndarray) -> np.ndarray:
+    """Zero-pad a clip shorter than one second on both sides (Speech Commands clips are one second long)."""
+    pad = max(0, SAMPLE_RATE - len(wave))
+    return np.pad(wave, (pad // 2, pad - pad // 2))
+
+
+def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers: int = 1,
+                 val_speakers: int = 1) -> Prepared:
+    """fsdd/ -> OUT/audio/*.flac (16 kHz, >= 1 s) and train/val/test.json with the 35-word labels."""
+    root, out = Path(root), Path(out)
+    rows = read_clips(root, ("path", "digit", "speaker"))
+    labels = bundled_labels("speechcommands")
+    mid_of = {label.display_name: label.mid for label in labels}
+    audio = out / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    items = []
+    for row in rows:
+        try:
+            word = DIGIT_WORDS[int(row["digit"])]
+        except (ValueError, IndexError):
+            raise DataError(f"{root / 'clips.csv'}: {row['path']} has digit {row['digit']!r}, expected 0-9") from None
+        dest = audio / f"{Path(row['path']).stem}.flac"
+        if not dest.is_file():
+            wave = centre_in_second(load_audio(root / row["path"], SAMPLE_RATE))
+            sf.write(str(dest), wave, SAMPLE_RATE, subtype="PCM_16")
+        items.append((row["speaker"], Example(dest, (mid_of[word],), row["speaker"])))
+    split_of = split_speakers((s for s, _ in items), seed, test_speakers, val_speakers)
+    prepared = write_splits(out, _group(items, split_of), labels)
+    _write_speakers(out, split_of, seed)
+    return prepared
+
+
+def prepare_esc10(root: str | Path, out: str | Path) -> Prepared:
+    """esc10/ -> fold{k}_train.json / fold{k}_eval.json for k = 1..5 and its 10 labels."""
+    root, out = Path(root), Path(out)
+    rows = read_clips(root, ("path", "label", "label_idx", "fold"))
+    names = {int(row["label_idx"]): row["label"] for row in rows}
+    if sorted(names) != list(range(len(names))):
+        raise DataError(f"{root / 'clips.csv'}: label_idx should run 0..{len(names) - 1}, got {sorted(names)}")
+    labels = [Label(index=i, mid=names[i].lower().replace(" ", "_"), display_name=names[i]) for i in sorted(names)]
+    items = [(int(row["fold"]), Example(root / row["path"], (labels[int(row["label_idx"])].mid,))) for row in rows]
+    return write_splits(out, fold_splits(items), labels)
