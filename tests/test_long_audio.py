@@ -73,6 +73,7 @@ def test_short_audio_is_one_window_and_bad_window_options_are_refused(tiny_model
         }
         too_long = post(server.url, five_seconds)  # 7 windows at the default hop
         coarser = post(server.url, five_seconds, hop_s="1.29")  # 4 windows
+        tiny_hop = post(server.url, five_seconds, hop_s="0.0001")  # 2 samples: 29,641 windows, counted not listed
         models = httpx.get(f"{server.url}/models", timeout=10).json()["models"][0]["limits"]
     assert short.status_code == 200 and short.json()["windows"] == 1 and "timeline" not in short.json()
     [entry] = single_timeline.json()["timeline"]
@@ -84,6 +85,7 @@ def test_short_audio_is_one_window_and_bad_window_options_are_refused(tiny_model
     assert too_long.status_code == 413 and too_long.json()["error"] == "too_many_windows"
     assert "7 windows" in too_long.json()["detail"] and "--max-windows" in too_long.json()["detail"]
     assert coarser.status_code == 200 and coarser.json()["windows"] == 4
+    assert tiny_hop.status_code == 413 and "29641 windows" in tiny_hop.json()["detail"]
     assert (models["window_s"], models["window_hop_s"], models["max_windows"]) == (1.295, 0.6475, 4)
 
 

@@ -10,7 +10,15 @@ import pytest
 
 from fastast.errors import InvalidWindowError
 from fastast.model.card import Label
-from fastast.windows import Windowing, aggregate, hop_samples, resolve_aggregate, top_k, window_starts
+from fastast.windows import (
+    Windowing,
+    aggregate,
+    hop_samples,
+    resolve_aggregate,
+    top_k,
+    window_count,
+    window_starts,
+)
 
 LABELS = [Label(index=i, mid=f"/m/{i}", display_name=name) for i, name in enumerate(["a", "b", "c"])]
 
@@ -45,6 +53,16 @@ def test_window_starts_drop_a_tail_shorter_than_min_last():
     assert window_starts(23, 10, 10, min_last=4) == [0, 10]  # a 3-sample tail would be all padding
     assert window_starts(24, 10, 10, min_last=4) == [0, 10, 20]
     assert window_starts(3, 10, 10, min_last=4) == [0]  # the first window always stays
+
+
+def test_window_count_is_the_number_of_starts_without_listing_them():
+    for n_samples in (1, 99, 100, 101, 150, 399, 400, 401, 1000, 12345):
+        for hop in (1, 7, 50, 99, 100):
+            for min_last in (1, 10, 60):
+                expected = len(window_starts(n_samples, 100, hop, min_last))
+                assert window_count(n_samples, 100, hop, min_last) == expected, (n_samples, hop, min_last)
+    # Ten minutes at a one-sample hop: counted at once (a list would hold 9.6 million starts).
+    assert window_count(600 * 16000, 20720, 1, 400) == 600 * 16000 - 20720 + 1
 
 
 def test_windowing_for_the_default_model():

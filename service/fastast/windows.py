@@ -47,6 +47,19 @@ def hop_samples(hop_s: float | None, window: int, sample_rate: int) -> int:
     return hop
 
 
+def window_count(n_samples: int, window: int, hop: int, min_last: int = 1) -> int:
+    """How many windows `window_starts` gives, without listing them (a tiny hop on long audio makes millions,
+    and a request must be refused for that without building the list)."""
+    if window < 1:
+        raise ValueError(f"a window must hold at least one sample, got {window}")
+    if not 1 <= hop <= window:
+        raise InvalidWindowError(f"hop must be 1..{window} samples for a window of {window}, got {hop}")
+    count = 1 + max(0, -(-(n_samples - window) // hop))
+    if count > 1 and n_samples - (count - 1) * hop < min_last:
+        count -= 1
+    return count
+
+
 def window_starts(n_samples: int, window: int, hop: int, min_last: int = 1) -> list[int]:
     """First sample of each window: 0, hop, 2 hop, ... until a window reaches the end of the audio.
 
@@ -55,14 +68,7 @@ def window_starts(n_samples: int, window: int, hop: int, min_last: int = 1) -> l
     is dropped: Windowing passes one analysis frame, less gives the fbank no frame and the model only padding).
     ValueError (InvalidWindowError) unless 1 <= hop <= window.
     """
-    if window < 1:
-        raise ValueError(f"a window must hold at least one sample, got {window}")
-    if not 1 <= hop <= window:
-        raise InvalidWindowError(f"hop must be 1..{window} samples for a window of {window}, got {hop}")
-    count = 1 + max(0, math.ceil((n_samples - window) / hop))
-    if count > 1 and n_samples - (count - 1) * hop < min_last:
-        count -= 1
-    return [i * hop for i in range(count)]
+    return [i * hop for i in range(window_count(n_samples, window, hop, min_last))]
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class Windowing:
 
     def starts(self, n_samples: int) -> list[int]:
         return window_starts(n_samples, self.window, self.hop, min_last=frame_length(self.sample_rate))
+
+    def count(self, n_samples: int) -> int:
+        return window_count(n_samples, self.window, self.hop, min_last=frame_length(self.sample_rate))
 
     def split(self, pcm: np.ndarray) -> list[np.ndarray]:
         """The windows of `pcm` [samples] as views into it (no copies), in the order of `starts`."""

@@ -265,7 +265,7 @@ class Service:
         return result
 
     def _check_windows(self, windowing: Windowing, samples: int) -> None:
-        windows = len(windowing.starts(samples))
+        windows = windowing.count(samples)
         if windows > self.settings.window_limit:
             seconds = samples / windowing.sample_rate
             raise ServiceError(
