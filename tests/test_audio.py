@@ -406,6 +406,26 @@ def test_decoding_holds_the_mono_signal_never_every_channel(tmp_path):
     assert peak < bound, f"peak {peak / 1e6:.1f} MB"
 
 
+def test_long_high_rate_audio_is_held_at_the_model_rate(tmp_path):
+    """60 s at 96 kHz: 23 MB of float32 mono at its native rate, 3.8 MB at 16 kHz; resampled block by block, the
+    native signal is never whole in memory, and the samples equal those of resampling it at once."""
+    rate, seconds = 96000, 60
+    path = tmp_path / "long.flac"
+    sf.write(str(path), tone(seconds, rate, freq=440.0), rate, format="FLAC", subtype="PCM_16")
+    native, _ = audio.decode(path)
+    bound = 2 * 4 * seconds * 16000 + 2 * 4 * audio.BLOCK_SAMPLES  # the output and its pieces, plus one block
+    assert 4 * len(native) > bound  # a decoder that held the native signal could not pass
+    tracemalloc.start()
+    try:
+        wave, out_rate = audio.decode(path, sample_rate=16000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out_rate == 16000 and len(wave) == seconds * 16000
+    assert peak < bound, f"peak {peak / 1e6:.1f} MB"
+    np.testing.assert_array_equal(wave, audio.resample(native, rate, 16000))
+
+
 def unknown_length_flac(seconds: float) -> bytes:
     """A FLAC whose STREAMINFO gives no sample count, as an encoder writing to a pipe leaves it."""
     data = bytearray(wav_bytes(tone(seconds), fmt="FLAC"))
