@@ -22,24 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
-import soundfile as sf
 
-from loadtest.frontend import start
+from loadtest.frontend import clip, start
 from loadtest.loadgen import percentile
-
-RATE = 16000
-
-
-def clip_bytes(seconds: float, seed: int = 0) -> bytes:
-    """A tone with noise, `seconds` long, as 16-bit WAV bytes."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t))
-    path = Path(tempfile.mkdtemp()) / "clip.wav"
-    sf.write(path, wave.astype(np.float32), RATE, subtype="PCM_16")
-    return path.read_bytes()
-
 
 def post(client: httpx.Client, url: str, body: bytes, r: str) -> tuple[float, dict]:
     started = time.perf_counter()
@@ -65,8 +50,8 @@ def short_latencies(url: str, body: bytes, r: str, clients: int, stop: threading
     return latencies
 
 
-def measure(url: str, r: str, repeats: int, clients: int) -> dict:
-    long_60, short_1, long_600 = clip_bytes(60), clip_bytes(1), clip_bytes(600)
+def measure(url: str, r: str, repeats: int, clients: int, work: Path) -> dict:
+    long_60, short_1, long_600 = (clip(work, seconds).read_bytes() for seconds in (60, 1, 600))
     with httpx.Client(timeout=300) as client:
         post(client, url, short_1, r)  # the connection and the queue of this r exist
         single = [post(client, url, long_60, r) for _ in range(repeats)]
@@ -132,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve-args", default="--workers 1")
     parser.add_argument("--out", type=Path, default=Path("docs/loadtest/long_audio"))
     args = parser.parse_args(argv)
-    log = Path(tempfile.mkdtemp()) / "server.log"
-    process, url = start(f"{sys.executable} -m fastast serve {args.serve_args}", args.model, log)
+    work = Path(tempfile.mkdtemp(prefix="long_audio_"))
+    process, url = start(f"{sys.executable} -m fastast serve {args.serve_args}", args.model, work / "server.log")
     try:
-        rows = [measure(url, r, args.repeats, args.clients) for r in args.r.split(",")]
+        rows = [measure(url, r, args.repeats, args.clients, work) for r in args.r.split(",")]
     finally:
         process.terminate()
         process.wait(30)

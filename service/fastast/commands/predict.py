@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     k = min(args.top_k, card.num_classes)
     results, first = [], 0
     for path, wave in zip(args.audio, waves):
-        count = len(windowing.starts(len(wave)))
+        count = windowing.count(len(wave))
         clip = scores[first : first + count]
         first += count
         result = {

@@ -261,8 +261,8 @@ class Engine:
             detail = f"PCM of {samples} samples; the engine takes at least {self.min_samples}"
         elif not 1 <= header.hop <= self.window:
             detail = f"hop of {header.hop} samples; the engine takes 1 to {self.window}"
-        elif windowing.count(samples) > self.settings.window_limit:
-            detail = f"{windowing.count(samples)} windows; the engine takes at most {self.settings.window_limit}"
+        elif (windows := windowing.count(samples)) > self.settings.window_limit:
+            detail = f"{windows} windows; the engine takes at most {self.settings.window_limit}"
         elif header.r is None and not self.auto_r:
             detail = "r=auto is not available"
         return None if detail is None else protocol.Result(header.id, 400, code="invalid_request", detail=detail)
