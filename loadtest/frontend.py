@@ -49,11 +49,11 @@ def random_model(directory: Path, config, labels: str = "speechcommands") -> Pat
     return directory
 
 
-def near_zero_model(directory: Path) -> Path:
-    """A 16-wide, 1-block AST at 1 s input: the model costs nothing, so what is measured is the service."""
+def near_zero_model(directory: Path, target_length: int = 128) -> Path:
+    """A 16-wide, 1-block AST (1 s input by default): the model costs nothing, so what is measured is the service."""
     from fastast.model import ASTConfig
 
-    return random_model(directory, ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=128))
+    return random_model(directory, ASTConfig(num_classes=35, dim=16, depth=1, heads=1, target_length=target_length))
 
 
 def clip(directory: Path, seconds: int) -> Path:
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", action="append", required=True, help="NAME=COMMAND (repeatable)")
     parser.add_argument("--ready", action="append", default=[], help="NAME=PATH: its readiness path (default /readyz)")
     parser.add_argument("--model", type=Path, help="serve this model_store folder instead of the near-zero model")
+    parser.add_argument(
+        "--target-length", type=int, default=128,
+        help="the near-zero model's input frames: 128 (1 s) or 1024 (10 s, so a 10 s clip is one window, as in AudioSet)",
+    )  # fmt: skip
     parser.add_argument("--clips", default="1,10", help="clip lengths in seconds")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write OUT.json (every run) and OUT.md (the table)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.model or near_zero_model(args.work / "zero")
+    model = args.model or near_zero_model(args.work / f"zero-{args.target_length}", args.target_length)
     clips = {int(s): clip(args.work, int(s)) for s in args.clips.split(",")}
     servers = dict(spec.split("=", 1) for spec in args.server)
     ready = dict(spec.split("=", 1) for spec in args.ready)

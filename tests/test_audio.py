@@ -115,6 +115,20 @@ def test_fbank_matches_torchaudio_at_other_rates(signals, sample_rate, num_mel_b
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.parametrize(("sample_rate", "num_mel_bins"), [(16000, 128), (8000, 128), (22050, 64), (16000, 10)])
+def test_banded_mel_projection_equals_the_dense_matrix(sample_rate, num_mel_bins):
+    """The CPU skips the mel matrix's zeros band by band; what it computes must be the dense product (8 kHz with
+    128 filters has empty filters, 10 filters make one band)."""
+    n_fft = 1 << (features.frame_length(sample_rate) - 1).bit_length()
+    matrix = features.kaldi_mel_matrix(sample_rate, n_fft, num_mel_bins)
+    banded = features.MelProjection.build(matrix, banded=True)
+    assert len(banded.bands) == -(-num_mel_bins // features.MEL_BAND_FILTERS)
+    if num_mel_bins >= 64:  # where banding pays: a small fraction of the dense multiplications
+        assert sum((end - first) * weights.shape[1] for first, end, weights in banded.bands) < matrix.numel() / 2
+    power = torch.rand(3, 50, matrix.shape[0]) * torch.logspace(-6, 2, matrix.shape[0])
+    torch.testing.assert_close(banded(power), power @ matrix, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("cpu_block_frames", [features.CPU_BLOCK_FRAMES, 7])  # 7 // 5 clips: one frame per block
 def test_batched_call_equals_per_item_calls(signals, monkeypatch, cpu_block_frames):
     length = min(len(w) for w in signals.values())
@@ -290,6 +304,46 @@ def test_streamed_wav_with_placeholder_sizes_is_not_called_truncated():
     at = data.find(b"data") + 4
     data[at : at + 4] = b"\xff\xff\xff\xff"
     assert len(load_audio(bytes(data))) == 16000
+
+
+PCM16_CASES = {  # (channels, rate, seconds, format): mono at the model's rate, resampled, several blocks, WAVEX
+    "mono 16 kHz": (1, 16000, 1.0, "WAV"),
+    "stereo 44.1 kHz": (2, 44100, 1.5, "WAV"),
+    "3 channels 8 kHz over several blocks": (3, 8000, 2 * audio.BLOCK_SAMPLES / 8000 / 3 + 0.3, "WAV"),
+    "WAVE_FORMAT_EXTENSIBLE": (2, 22050, 1.0, "WAVEX"),
+}
+
+
+@pytest.mark.parametrize("case", PCM16_CASES)
+def test_pcm16_wav_bytes_decode_to_libsndfiles_samples(tmp_path, case):
+    """Uploads of 16-bit WAV skip libsndfile (the stdlib's wave reads the header): the samples must not change."""
+    channels, rate, seconds, fmt = PCM16_CASES[case]
+    rng = np.random.default_rng(channels)
+    wave = (0.3 * rng.standard_normal((int(seconds * rate), channels))).astype(np.float32)
+    path = tmp_path / "clip.wav"
+    sf.write(str(path), wave, rate, format=fmt, subtype="PCM_16")
+    for to_rate in (None, 16000):
+        expected, _ = audio.decode(path, sample_rate=to_rate)  # a path: always libsndfile
+        decoded, out_rate = audio.decode(path.read_bytes(), sample_rate=to_rate)
+        assert out_rate == (to_rate or rate)
+        np.testing.assert_array_equal(decoded, expected)
+
+
+def test_pcm16_wav_bytes_are_read_without_libsndfile_and_keep_every_limit(monkeypatch):
+    data = wav_bytes(np.stack([tone(2.0, 44100), tone(2.0, 44100, freq=880.0)], axis=1), 44100)
+    expected = load_audio(data)
+
+    def no_libsndfile(*args, **kwargs):
+        raise AssertionError("libsndfile was used")
+
+    monkeypatch.setattr(audio.sf, "SoundFile", no_libsndfile)
+    np.testing.assert_array_equal(load_audio(data), expected)
+    with pytest.raises(AudioTooLongError, match=r"audio is 2\.0 s long; the limit is 1\.5 s"):
+        load_audio(data, max_seconds=1.5)
+    with pytest.raises(AudioLimitError, match="audio has 2 channels; the limit is 1"):
+        load_audio(data, max_channels=1)
+    with pytest.raises(AudioLimitError, match="audio is sampled at 44100 Hz; the limit is 16000 Hz"):
+        load_audio(data, max_sample_rate=16000)
 
 
 def test_max_seconds_accepts_audio_within_the_limit(tmp_path):

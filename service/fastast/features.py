@@ -1,6 +1,6 @@
 """Model input from decoded audio: Kaldi log-mel fbank -> pad/trim -> AST normalisation, batched, on any device.
 
-The fbank is batched torch (one unfold, then one rfft and one matmul per block of frames) held to numerical
+The fbank is batched torch (one unfold, then one rfft and one mel projection per block of frames) held to numerical
 parity with `torchaudio.compliance.kaldi.fbank` as AST calls it (hanning window, no dither, no energy), so it runs
 on any device without torchaudio, whose feature code is no longer maintained. Clips of different lengths share
 one batch through `lengths`: every clip's features equal the ones it gets alone.
@@ -9,6 +9,7 @@ one batch through `lengths`: every clip's features equal the ones it gets alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,10 @@ LOG_FLOOR = float(torch.finfo(torch.float32).eps)  # Kaldi floors energies at fl
 # On the CPU a batch goes through in blocks of about this many frames: a few MB per intermediate stays in cache,
 # where one pass over a whole batch of long clips spends most of its time faulting in fresh pages.
 CPU_BLOCK_FRAMES = 512
+# Each FFT bin feeds at most two adjacent mel filters, so the [bins, mel] matrix is about 98 % zeros. On the CPU the
+# projection multiplies each group of this many filters by only the bins they cover: ~8x fewer multiplications for
+# 128 filters, where the dense product took about a third of the fbank's CPU time. A GPU keeps the one dense matmul.
+MEL_BAND_FILTERS = 16
 
 
 def kaldi_mel_matrix(sample_rate: int, n_fft: int, num_mel_bins: int) -> Tensor:
@@ -50,14 +55,42 @@ def kaldi_mel_matrix(sample_rate: int, n_fft: int, num_mel_bins: int) -> Tensor:
     return torch.from_numpy(np.vstack([weights, nyquist_row]).astype(np.float32))
 
 
+@dataclass(frozen=True)
+class MelProjection:
+    """Power spectrum [..., bins] -> mel energies [..., mel]: a dense matmul, or on the CPU one small matmul per
+    band of filters over just the bins that band covers (the same products; only the zeros are skipped)."""
+
+    matrix: Tensor  # [bins, mel]
+    bands: tuple[tuple[int, int, Tensor], ...]  # (first bin, end bin, matrix[first:end, band's filters]); () = dense
+
+    @classmethod
+    def build(cls, matrix: Tensor, banded: bool) -> MelProjection:
+        if not banded:
+            return cls(matrix, ())
+        bands = []
+        for filters in torch.arange(matrix.shape[1]).split(MEL_BAND_FILTERS):
+            bins = matrix[:, filters].any(dim=1).nonzero().flatten().tolist() or [0]  # an empty band: a zero row
+            first, end = bins[0], bins[-1] + 1
+            bands.append((first, end, matrix[first:end, filters].contiguous()))
+        return cls(matrix, tuple(bands))
+
+    def __call__(self, power: Tensor) -> Tensor:
+        if not self.bands:
+            return torch.matmul(power, self.matrix)
+        rows = power.reshape(-1, power.shape[-1])
+        mel = torch.cat([rows[:, first:end] @ weights for first, end, weights in self.bands], dim=1)
+        return mel.view(*power.shape[:-1], mel.shape[-1])
+
+
 @lru_cache(maxsize=32)
-def _analysis_tensors(sample_rate: int, num_mel_bins: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(symmetric Hann window, mel matrix) for one configuration, built once per device."""
+def _analysis_tensors(sample_rate: int, num_mel_bins: int, device: torch.device) -> tuple[Tensor, MelProjection]:
+    """(symmetric Hann window, mel projection) for one configuration, built once per device."""
     length = frame_length(sample_rate)
     n_fft = 1 << (length - 1).bit_length()
     # Built on the CPU in float32 like torchaudio's, so every device sees the same window to the last bit.
     window = torch.hann_window(length, periodic=False, dtype=torch.float32).to(device)
-    return window, kaldi_mel_matrix(sample_rate, n_fft, num_mel_bins).to(device)
+    matrix = kaldi_mel_matrix(sample_rate, n_fft, num_mel_bins).to(device)
+    return window, MelProjection.build(matrix, banded=device.type == "cpu")
 
 
 def _as_batch(waveforms: Tensor | np.ndarray) -> tuple[Tensor, bool]:
@@ -84,22 +117,24 @@ def kaldi_fbank(waveforms: Tensor | np.ndarray, sample_rate: int = 16000, num_me
         raise InvalidAudioError(
             f"audio has {batch.shape[-1]} samples, fewer than one {FRAME_MS:g} ms frame ({length} at {sample_rate} Hz)"
         )
-    window, mel_matrix = _analysis_tensors(sample_rate, num_mel_bins, batch.device)
+    window, mel = _analysis_tensors(sample_rate, num_mel_bins, batch.device)
     frames = batch.unfold(-1, length, shift)  # [B, T, length] view, T = 1 + (N - length) // shift
     block = max(1, CPU_BLOCK_FRAMES // max(1, len(batch))) if batch.device.type == "cpu" else frames.shape[1]
-    blocks = [_log_mel(part, window, mel_matrix) for part in frames.split(block, dim=1)]
+    blocks = [_log_mel(part, window, mel) for part in frames.split(block, dim=1)]
     fbank = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
     return fbank[0] if single else fbank
 
 
-def _log_mel(frames: Tensor, window: Tensor, mel_matrix: Tensor) -> Tensor:
-    """Frames [B, T, length] -> log-mel [B, T, mel]: one rfft and one matmul for the whole block."""
+def _log_mel(frames: Tensor, window: Tensor, mel: MelProjection) -> Tensor:
+    """Frames [B, T, length] -> log-mel [B, T, mel]: one rfft and one mel projection for the whole block."""
     frames = frames - frames.mean(dim=-1, keepdim=True)
     previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # Kaldi: the first sample is its own predecessor
     frames = (frames - PREEMPHASIS * previous) * window
-    spectrum = torch.fft.rfft(frames, n=2 * (mel_matrix.shape[0] - 1))
+    # Zero-padded here rather than by rfft's n=: the transform of contiguous power-of-two rows runs ~3x faster.
+    frames = F.pad(frames, (0, 2 * (mel.matrix.shape[0] - 1) - frames.shape[-1]))
+    spectrum = torch.fft.rfft(frames)
     power = spectrum.real.square() + spectrum.imag.square()
-    return torch.matmul(power, mel_matrix).clamp_min(LOG_FLOOR).log()
+    return mel(power).clamp_min(LOG_FLOOR).log()
 
 
 def pad_or_trim(fbank: Tensor, target_length: int) -> Tensor:
