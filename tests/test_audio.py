@@ -211,11 +211,11 @@ def test_clips_of_different_lengths_in_one_batch_get_their_solo_features(signals
     """The engine pads a batch of clips to its longest and passes their lengths: each row equals the clip alone."""
     speech = signals["speech"]
     clips = [speech[:400], speech[:5_003], signals["white_noise"][:16_000], speech[3_000:26_000]]
-    padded = np.zeros((len(clips), max(map(len, clips))), dtype=np.float32)
-    for row, clip in zip(padded, clips):
-        row[: len(clip)] = clip
+    padded = np.full((len(clips), max(map(len, clips))), np.nan, dtype=np.float32)  # a reused buffer: stale data
+    lengths = features.pad_rows(clips, padded)
+    assert lengths == [len(clip) for clip in clips]
     spec = dict(target_length=target_length, mean=SC_MEAN, std=SC_STD)
-    batched = featurize(padded, 16000, **spec, lengths=[len(clip) for clip in clips])
+    batched = featurize(padded, 16000, **spec, lengths=lengths)
     for row, clip in zip(batched, clips):
         torch.testing.assert_close(row, featurize(clip, 16000, **spec)[0], rtol=0, atol=1e-5)
     unmasked = featurize(padded, 16000, **spec)  # without lengths, frames that reach into the padding differ

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fastast.audio import load_audio, window_samples
-from fastast.features import model_input
+from fastast.features import model_input, pad_rows
 from fastast.model.card import ModelCard
 from fastast.model.store import CARD, load_model
 
@@ -45,10 +45,8 @@ class BatchModel:
         self.model = load_model(model_dir)
 
     def __call__(self, pcms: list[np.ndarray]) -> list[list[dict]]:
-        lengths = [len(pcm) for pcm in pcms]
-        padded = np.zeros((len(pcms), max(lengths)), dtype=np.float32)
-        for row, pcm in zip(padded, pcms):
-            row[: len(pcm)] = pcm
+        padded = np.empty((len(pcms), max(len(pcm) for pcm in pcms)), dtype=np.float32)
+        lengths = pad_rows(pcms, padded)
         spec = self.model.card.input
         with torch.inference_mode():
             features = model_input(torch.from_numpy(padded), spec.sample_rate, spec, lengths=lengths)

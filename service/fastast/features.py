@@ -190,6 +190,15 @@ def _zero_padding_frames(fbank: Tensor, lengths: Sequence[int] | Tensor, sample_
     return fbank.masked_fill(padding[..., None], 0.0)
 
 
+def pad_rows(waves: Sequence[np.ndarray], out: np.ndarray) -> list[int]:
+    """Clips of different lengths into the rows of `out` [len(waves), >= the longest], zero-padded, and their
+    lengths for featurize(..., lengths=). Every row is written whole, so `out` may be a reused (pinned) buffer."""
+    for row, wave in zip(out, waves):
+        row[: len(wave)] = wave
+        row[len(wave) :] = 0.0
+    return [len(wave) for wave in waves]
+
+
 def model_input(
     waveforms: Tensor | np.ndarray, sample_rate: int, spec: InputSpec, lengths: Sequence[int] | Tensor | None = None
 ) -> Tensor:

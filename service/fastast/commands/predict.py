@@ -131,12 +131,10 @@ def batch_features(views: list[np.ndarray], spec: InputSpec) -> torch.Tensor:
     import numpy as np
     import torch
 
-    from fastast.features import model_input
+    from fastast.features import model_input, pad_rows
 
-    lengths = [len(view) for view in views]
-    batch = np.zeros((len(views), max(lengths)), dtype=np.float32)
-    for row, view in zip(batch, views):
-        row[: len(view)] = view
+    batch = np.empty((len(views), max(len(view) for view in views)), dtype=np.float32)
+    lengths = pad_rows(views, batch)
     return model_input(batch, spec.sample_rate, spec, lengths=torch.tensor(lengths))
 
 

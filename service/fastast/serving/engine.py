@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from fastast.audio import frame_length, window_samples
 from fastast.errors import FastASTError
-from fastast.features import model_input
+from fastast.features import model_input, pad_rows
 from fastast.serving import protocol
 from fastast.serving.auto_r import AutoR, CostModel, auto_ladder
 from fastast.serving.backend import Backend, load_backend
@@ -353,13 +353,9 @@ class Engine:
         ]
 
     def _features(self, pcms: list[np.ndarray]) -> torch.Tensor:
-        lengths = [len(pcm) for pcm in pcms]
-        width = max(lengths)
+        width = max(len(pcm) for pcm in pcms)
         staged = self._staging[: len(pcms) * width].view(len(pcms), width)
-        rows = staged.numpy()
-        for row, pcm in zip(rows, pcms):
-            row[: len(pcm)] = pcm
-            row[len(pcm) :] = 0.0
+        lengths = pad_rows(pcms, staged.numpy())
         device = self.backend.feature_device
         waves = staged.to(device, non_blocking=True)
         spec = self.backend.card.input
