@@ -346,6 +346,15 @@ def test_pcm16_wav_bytes_are_read_without_libsndfile_and_keep_every_limit(monkey
         load_audio(data, max_sample_rate=16000)
 
 
+def test_wav_rate_reads_integer_pcm_headers_only():
+    """The worker decodes small WAVs at the model's rate on its event loop; wav_rate decides that from the header."""
+    assert audio.wav_rate(wav_bytes(tone(1.0, 22050), 22050)) == 22050
+    assert audio.wav_rate(wav_bytes(tone(1.0), subtype="PCM_24")) == 16000
+    assert audio.wav_rate(wav_header_only(2, 48000, 1.0)) == 48000  # the header alone suffices
+    for other in (wav_bytes(tone(1.0), subtype="FLOAT"), wav_bytes(tone(1.0), fmt="FLAC"), b"RIFF" + bytes(40), b""):
+        assert audio.wav_rate(other) is None
+
+
 def test_max_seconds_accepts_audio_within_the_limit(tmp_path):
     assert len(load_audio(write_wav(tmp_path / "one_second.wav", tone(1.0)), max_seconds=1.0)) == 16000
 

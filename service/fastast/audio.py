@@ -16,6 +16,7 @@ import os
 import re
 import wave
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,35 @@ def decode(
     return mono, sample_rate or rate
 
 
+@dataclass(frozen=True)
+class _WavHeader:
+    channels: int
+    rate: int
+    width: int  # bytes per sample
+    compression: str
+    frames: int  # as the data chunk's size declares them
+    start: int  # offset of the first sample
+
+
+def _wav_header(data: bytes | bytearray | memoryview) -> _WavHeader | None:
+    """The header of a RIFF WAVE the stdlib's wave module reads (integer PCM); None for anything else."""
+    if bytes(data[:4]) != b"RIFF" or bytes(data[8:12]) != b"WAVE":
+        return None
+    stream = io.BytesIO(data)
+    try:
+        with wave.open(stream) as f:
+            # wave stops right after the data chunk's header: the samples start where the stream stands.
+            return _WavHeader(f.getnchannels(), f.getframerate(), f.getsampwidth(), f.getcomptype(), f.getnframes(), stream.tell())
+    except (wave.Error, EOFError, ValueError):
+        return None
+
+
+def wav_rate(data: bytes | bytearray | memoryview) -> int | None:
+    """The sample rate of an integer-PCM WAV, read from its header alone; None for any other input."""
+    header = _wav_header(data)
+    return None if header is None else header.rate
+
+
 def _decode_pcm16_wav(
     data: bytes | bytearray | memoryview,
     max_seconds: float | None,
@@ -109,23 +139,17 @@ def _decode_pcm16_wav(
 ) -> tuple[np.ndarray, int] | None:
     """decode() of a complete, non-empty 16-bit PCM WAV; None for anything else, which libsndfile then reads (and
     refuses with its own reasons when it is broken)."""
-    if not is_wav(data):
+    header = _wav_header(data)
+    if header is None:
         return None
-    stream = io.BytesIO(data)
-    try:
-        with wave.open(stream) as header:
-            channels, rate, width = header.getnchannels(), header.getframerate(), header.getsampwidth()
-            declared, compression = header.getnframes(), header.getcomptype()
-            start = stream.tell()  # wave stops right after the data chunk's header: the samples start here
-    except (wave.Error, EOFError, ValueError):
+    channels, rate, frames = header.channels, header.rate, header.frames
+    complete = (len(data) - header.start) // (2 * channels) >= frames
+    if header.width != 2 or header.compression != "NONE" or rate <= 0 or frames == 0 or not complete:
         return None
-    complete = (len(data) - start) // (2 * channels) >= declared
-    if width != 2 or compression != "NONE" or rate <= 0 or declared == 0 or not complete:
-        return None
-    _check_header(channels, rate, declared, max_seconds, max_channels, max_sample_rate)
-    pcm = np.frombuffer(data, dtype="<i2", count=declared * channels, offset=start).reshape(declared, channels)
+    _check_header(channels, rate, frames, max_seconds, max_channels, max_sample_rate)
+    pcm = np.frombuffer(data, dtype="<i2", count=frames * channels, offset=header.start).reshape(frames, channels)
     block = max(1, BLOCK_SAMPLES // channels)
-    blocks = (pcm[i : i + block].astype(np.float32) * PCM16_SCALE for i in range(0, declared, block))
+    blocks = (pcm[i : i + block].astype(np.float32) * PCM16_SCALE for i in range(0, frames, block))
     try:
         mono, _ = _mono_at(blocks, rate, sample_rate or rate)
     except InvalidAudioError:
@@ -133,11 +157,6 @@ def _decode_pcm16_wav(
     except (ValueError, RuntimeError):
         return None  # a rate soxr refuses: libsndfile's path words the error
     return mono, sample_rate or rate
-
-
-def is_wav(data: bytes | bytearray | memoryview) -> bool:
-    """Whether the bytes start as a RIFF WAVE file (of any encoding)."""
-    return bytes(data[:4]) == b"RIFF" and bytes(data[8:12]) == b"WAVE"
 
 
 def _read_as_stream(f: sf.SoundFile) -> None:
