@@ -23,7 +23,7 @@ def plot_rows(rows: Sequence[RTableRow], path: str | Path, title: str = "") -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, left = plt.subplots(figsize=(6.5, 4.2))
+    fig, left = plt.subplots(figsize=(6.5, 4.6), layout="constrained")
     right = left.twinx()
     groups = by_variant(rows)
     for k, (variant, group) in enumerate(groups.items()):
@@ -34,10 +34,9 @@ def plot_rows(rows: Sequence[RTableRow], path: str | Path, title: str = "") -> P
     left.set_xlabel("r (tokens merged per block)")
     left.set_ylabel(f"{rows[0].metric} (solid)")
     right.set_ylabel("samples/s (dashed)")
-    if len(groups) > 1:
-        left.legend(loc="lower left", fontsize="small")
+    if len(groups) > 1:  # below the axes: inside, it would hide the lines it names
+        fig.legend(loc="outside lower center", ncol=min(len(groups), 3), fontsize="small")
     left.set_title(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
