@@ -99,4 +99,7 @@ def test_esc10_folds(tmp_path):
         assert len(test) == 4 and len(train) == 16
         assert all(ex.path.name.startswith(f"{fold}-") for ex in test)
         assert not {ex.path for ex in test} & {ex.path for ex in train}
+    held_out = {split: {ex.path.name[0] for ex in read_manifest(tmp_path / "out" / f"{split}.json")}
+                for split in ("train", "val", "test")}
+    assert held_out == {"train": {"1", "2", "3"}, "val": {"4"}, "test": {"5"}}
     assert (tmp_path / "out" / "labels.csv").read_text().splitlines()[1:] == ["0,dog_bark,Dog bark", "1,rain,Rain"]

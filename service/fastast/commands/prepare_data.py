@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--seed", type=int, default=0, help="speaker split seed")
         sub.add_argument("--test-speakers", type=int, default=test, help="speakers held out for test")
         sub.add_argument("--val-speakers", type=int, default=val, help="speakers held out for validation")
-    esc10 = kinds.add_parser("esc10", help="ESC-10 (clips.csv with fold): fold{1..5}_{train,eval}.json")
+    esc10 = kinds.add_parser("esc10", help="ESC-10 (clips.csv with fold): fold{1..5}_{train,eval}.json and train/val/test.json "
+                                  "(folds 1-3 / 4 / 5)")
     esc10.add_argument("--root", type=Path, required=True)
     for sub in (esc, sc, aset, folder, real_sc, fsdd, esc10):
         sub.add_argument("--out", type=Path, required=True, help="output folder for manifests and labels.csv")

@@ -4,7 +4,8 @@
   `model_store/default`; the `_silence_` clips (no speaker) become `noise.txt`, background noise for augmentation.
 - FSDD: digits 0-9 as the words zero ... nine, split by speaker, resampled to 16 kHz and centred in one second
   (written as FLAC under OUT/audio/), so they look like Speech Commands clips.
-- ESC-10: fold{k}_train / fold{k}_eval for k = 1..5 (clips cut from one recording share a fold).
+- ESC-10: fold{k}_train / fold{k}_eval for k = 1..5 (clips cut from one recording share a fold), plus the
+  single-split protocol train (folds 1-3) / val (fold 4) / test (fold 5) for when 5 runs cost too much.
 
 A speaker's split depends only on (seed, speaker id), never on file order or on which other speakers exist, so
 adding clips never moves a speaker to another split, and the test speakers are never used to train or select.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +122,21 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
     return prepared
 
 
+ESC10_VAL_FOLD, ESC10_TEST_FOLD = 4, 5
+
+
+def holdout_splits(items: Sequence[tuple[int, Example]], val_fold: int, test_fold: int) -> dict[str, list[Example]]:
+    """train / val / test by fold: cross-validation's fold{k}_train selects on its own test fold, so a single
+    held-out run needs a validation fold of its own to pick epochs and models without touching the test fold."""
+    held_out = {val_fold, test_fold}
+    return {"train": [ex for k, ex in items if k not in held_out],
+            "val": [ex for k, ex in items if k == val_fold],
+            "test": [ex for k, ex in items if k == test_fold]}
+
+
 def prepare_esc10(root: str | Path, out: str | Path) -> Prepared:
-    """esc10/ -> fold{k}_train.json / fold{k}_eval.json for k = 1..5 and its 10 labels."""
+    """esc10/ -> fold{k}_train.json / fold{k}_eval.json for k = 1..5, train / val / test.json (folds 1-3 / 4 / 5)
+    and its 10 labels."""
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "label", "label_idx", "fold"))
     names = {int(row["label_idx"]): row["label"] for row in rows}
@@ -130,4 +144,4 @@ def prepare_esc10(root: str | Path, out: str | Path) -> Prepared:
         raise DataError(f"{root / 'clips.csv'}: label_idx should run 0..{len(names) - 1}, got {sorted(names)}")
     labels = [Label(index=i, mid=names[i].lower().replace(" ", "_"), display_name=names[i]) for i in sorted(names)]
     items = [(int(row["fold"]), Example(root / row["path"], (labels[int(row["label_idx"])].mid,))) for row in rows]
-    return write_splits(out, fold_splits(items), labels)
+    return write_splits(out, fold_splits(items) | holdout_splits(items, ESC10_VAL_FOLD, ESC10_TEST_FOLD), labels)
