@@ -6,30 +6,12 @@ asked for (the weights file holds the folder's name) and answers `evaluate --jso
 per model by the test.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from recipeutil import args_of, run_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-
-FAKE_FASTAST = r"""#!/usr/bin/env bash
-printf '%s\n' "$*" >> "$FAKE_LOG"
-out=""; model=""; json=0; prev=""
-for arg in "$@"; do
-    case "$prev" in --out) out=$arg ;; --model) model=$arg ;; esac
-    [ "$arg" = --json ] && json=1
-    prev=$arg
-done
-if [ -n "$out" ]; then
-    mkdir -p "$out"
-    basename "$out" > "$out/model.safetensors"
-    echo '{}' > "$out/card.json"
-    [ "$1" = synth-commands ] && touch "$out/test.json"
-fi
+ANSWER = r"""[ "$1" = synth-commands ] && touch "$out/test.json"
 if [ "$json" = 1 ]; then
     value=$(python -c 'import json, os, sys; print(json.loads(os.environ["FAKE_ACCURACY"])[sys.argv[1]])' "$(basename "$model")")
     echo "{\"rows\": [{\"r\": 0, \"value\": $value}]}"
@@ -38,35 +20,17 @@ fi
 
 
 def run_script(tmp_path: Path, accuracy: dict[str, float], with_teacher: bool) -> tuple[list[str], Path]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "fastast"
-    fake.write_text(FAKE_FASTAST)
-    fake.chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
-    log, out = tmp_path / "calls.log", tmp_path / "out"
+    out = tmp_path / "out"
     env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FASTAST": str(fake),
         "DATA": str(tmp_path / "data"),
         "REAL": str(tmp_path / "shared"),
         "REAL_DATA": str(tmp_path / "real"),
         "WITH_TEACHER": "1" if with_teacher else "0",
         "WORK": str(tmp_path / "work"),
         "OUT": str(out),
-        "FAKE_LOG": str(log),
-        "FAKE_ACCURACY": json.dumps(accuracy),
     }
-    result = subprocess.run(["bash", str(REPO / "scripts" / "default_model.sh")], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return log.read_text().splitlines(), out
-
-
-def args_of(call: str, flag: str) -> str:
-    words = call.split()
-    return words[words.index(flag) + 1]
+    calls, _ = run_recipe("default_model.sh", tmp_path, ANSWER, accuracy, env)
+    return calls, out
 
 
 def plain_stages(calls: list[str], work: Path) -> list[str]:

@@ -6,28 +6,12 @@ asked for (the weights file holds the folder's name) and answers `evaluate --jso
 accuracy set per model and manifest by the test.
 """
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from recipeutil import args_of, run_recipe
 
-FAKE_FASTAST = r"""#!/usr/bin/env bash
-printf '%s\n' "$*" >> "$FAKE_LOG"
-out=""; model=""; data=""; r=0; variant=""; json=0; prev=""
-for arg in "$@"; do
-    case "$prev" in --out) out=$arg ;; --model) model=$arg ;; --data) data=$arg ;; --r) r=$arg ;; --variant) variant=$arg ;; esac
-    [ "$arg" = --json ] && json=1
-    prev=$arg
-done
-if [ -n "$out" ]; then
-    mkdir -p "$out"
-    basename "$out" > "$out/model.safetensors"
-    echo '{}' > "$out/card.json"
-fi
-if [ "$json" = 1 ]; then
+ANSWER = r"""if [ "$json" = 1 ]; then
     python - "$(basename "$model")/$(basename "$data")" "$r" "$variant" <<'PY'
 import json, os, sys
 key, r_values, variant = sys.argv[1:]
@@ -41,37 +25,14 @@ fi
 
 
 def run_script(tmp_path: Path, accuracy: dict[str, float]) -> tuple[list[str], subprocess.CompletedProcess]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    fake = bin_dir / "fastast"
-    fake.write_text(FAKE_FASTAST)
-    fake.chmod(0o755)
-    python = bin_dir / "python"  # a wrapper, not a symlink: a symlinked venv python loses the venv's packages
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    python.chmod(0o755)
-    log = tmp_path / "calls.log"
     env = {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "PYTHONPATH": str(REPO / "service"),
-        "FASTAST": str(fake),
         "ESC10": str(tmp_path / "shared"),
         "DATA": str(tmp_path / "data"),
         "WORK": str(tmp_path / "work"),
         "OUT": str(tmp_path / "out"),
         "PLOT": str(tmp_path / "esc10_r.png"),
-        "FAKE_LOG": str(log),
-        "FAKE_ACCURACY": json.dumps(accuracy),
     }
-    result = subprocess.run(["bash", str(REPO / "scripts" / "esc10_table.sh")], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return log.read_text().splitlines(), result
-
-
-def args_of(call: str, flag: str) -> str:
-    words = call.split()
-    return words[words.index(flag) + 1]
+    return run_recipe("esc10_table.sh", tmp_path, ANSWER, accuracy, env)
 
 
 def by_out(calls: list[str]) -> dict[str, str]:
