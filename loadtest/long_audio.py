@@ -26,6 +26,7 @@ import httpx
 from loadtest.frontend import clip, start
 from loadtest.loadgen import percentile
 
+
 def post(client: httpx.Client, url: str, body: bytes, r: str) -> tuple[float, dict]:
     started = time.perf_counter()
     response = client.post(f"{url}/classify", params={"r": r}, content=body, headers={"Content-Type": "audio/wav"})

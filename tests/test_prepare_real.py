@@ -17,7 +17,7 @@ from conftest import tone, write_wav
 from fastast.cli import main
 from fastast.model.card import bundled_labels
 from fastast.training.data import DataError, read_manifest
-from fastast.training.prepare_real import prepare_esc10, prepare_fsdd, prepare_real_speechcommands, split_speakers
+from fastast.training.prepare_real import prepare_esc10, prepare_real_speechcommands, split_speakers
 
 WORDS = ("yes", "no", "up", "marvin", "seven")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastast.training.evaluate import accuracy, average_precision, mean_average_precision
+from fastast.training.evaluate import accuracy, accuracy_by_group, average_precision, mean_average_precision
 from fastast.training.losses import cmkd_loss, distill_loss, label_loss
 
 
@@ -82,3 +82,12 @@ def test_map_skips_classes_without_positives():
     targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     # class 0: positive ranked 1st -> 1.0; class 1: positive (0.3) ranked 2nd of 3 -> 1/2; class 2: no positive
     assert mean_average_precision(scores, targets) == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_accuracy_by_group_counts_each_speakers_top1_answers():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # right, wrong, right, right, wrong
+    assert accuracy_by_group(scores, target, ["b", "a", "b", "a", "c"]) == {"a": (1, 2), "b": (2, 2), "c": (0, 1)}
+    with pytest.raises(ValueError):  # one group per clip
+        accuracy_by_group(scores, target, ["a", "b"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,12 +270,7 @@ def balanced_weights(examples: Sequence[Example], sources: Sequence[int] | None 
     """Sampling weights that draw every (first) label equally often and, within a label, every source (e.g. the
     manifest an example came from) equally often: a few real clips of a word weigh as much as many synthetic ones."""
     sources = list(sources) if sources is not None else [0] * len(examples)
-    per_pair: dict[tuple[str, int], int] = {}
-    for ex, source in zip(examples, sources, strict=True):
-        key = (ex.labels[0], source)
-        per_pair[key] = per_pair.get(key, 0) + 1
-    per_label: dict[str, int] = {}
-    for label, _ in per_pair:
-        per_label[label] = per_label.get(label, 0) + 1
+    per_pair = Counter((ex.labels[0], source) for ex, source in zip(examples, sources, strict=True))
+    per_label = Counter(label for label, _ in per_pair)  # sources per label
     return torch.tensor([1.0 / (per_label[ex.labels[0]] * per_pair[ex.labels[0], source])
                          for ex, source in zip(examples, sources)], dtype=torch.double)

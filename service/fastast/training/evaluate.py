@@ -7,6 +7,7 @@ samples/s column measures the model (not the decoder) and all r values see ident
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +73,10 @@ class SweepResult:
 
 def accuracy_by_group(scores: Tensor, target: Tensor, groups: Sequence[str]) -> dict[str, tuple[int, int]]:
     """group -> (correct, total) top-1 answers, e.g. per speaker: a mean hides the speakers a model fails."""
-    correct = (scores.argmax(dim=-1) == target.argmax(dim=-1)).tolist()
-    counts: dict[str, list[int]] = {}
-    for group, ok in zip(groups, correct, strict=True):
-        tally = counts.setdefault(group, [0, 0])
-        tally[0] += int(ok)
-        tally[1] += 1
-    return {group: (c, n) for group, (c, n) in sorted(counts.items())}
+    hits = (scores.argmax(dim=-1) == target.argmax(dim=-1)).tolist()
+    right = Counter(group for group, hit in zip(groups, hits, strict=True) if hit)
+    totals = Counter(groups)
+    return {group: (right[group], totals[group]) for group in sorted(totals)}
 
 
 def sweep(

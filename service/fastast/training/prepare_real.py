@@ -30,6 +30,7 @@ from fastast.training.prepare import Prepared, fold_splits, write_splits
 SAMPLE_RATE = 16000
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SILENCE = "_silence_"
+SPEECH_LABELS = bundled_labels("speechcommands")  # the default model's 35 words, for both speech preparers
 
 
 def read_clips(root: Path, columns: Iterable[str]) -> list[dict[str, str]]:
@@ -67,13 +68,20 @@ def _group(items: list[tuple[str, Example]], split_of: dict[str, str]) -> dict[s
     return splits
 
 
+def _write_speaker_splits(out: Path, items: list[tuple[str, Example]], seed: int, test: int, val: int) -> Prepared:
+    """(speaker, example) pairs -> train/val/test.json over the 35 words, split by speaker, and speakers.json."""
+    split_of = split_speakers((speaker for speaker, _ in items), seed, test, val)
+    prepared = write_splits(out, _group(items, split_of), SPEECH_LABELS)
+    _write_speakers(out, split_of, seed)
+    return prepared
+
+
 def prepare_real_speechcommands(root: str | Path, out: str | Path, seed: int = 0, test_speakers: int = 40,
                                 val_speakers: int = 20) -> Prepared:
     """speech_commands_test_v0.02/ -> train/val/test.json (35 words), noise.txt, speakers.json, labels.csv."""
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "word", "speaker"))
-    labels = bundled_labels("speechcommands")
-    mid_of = {label.display_name: label.mid for label in labels}
+    mid_of = {label.display_name: label.mid for label in SPEECH_LABELS}
     items, noise = [], []
     for row in rows:
         if row["word"] == SILENCE:
@@ -83,10 +91,8 @@ def prepare_real_speechcommands(root: str | Path, out: str | Path, seed: int = 0
         else:
             raise DataError(f"{root / 'clips.csv'}: {row['path']} has word {row['word']!r} "
                             f"and speaker {row['speaker']!r}; expected a 35-word clip with a speaker, or {SILENCE}")
-    split_of = split_speakers((s for s, _ in items), seed, test_speakers, val_speakers)
-    prepared = write_splits(out, _group(items, split_of), labels)
+    prepared = _write_speaker_splits(out, items, seed, test_speakers, val_speakers)
     (out / "noise.txt").write_text("".join(f"{path}\n" for path in sorted(noise)))
-    _write_speakers(out, split_of, seed)
     return prepared
 
 
@@ -101,8 +107,7 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
     """fsdd/ -> OUT/audio/*.flac (16 kHz, >= 1 s) and train/val/test.json with the 35-word labels."""
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "digit", "speaker"))
-    labels = bundled_labels("speechcommands")
-    mid_of = {label.display_name: label.mid for label in labels}
+    mid_of = {label.display_name: label.mid for label in SPEECH_LABELS}
     audio = out / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     items = []
@@ -116,10 +121,7 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
             wave = centre_in_second(load_audio(root / row["path"], SAMPLE_RATE))
             sf.write(str(dest), wave, SAMPLE_RATE, subtype="PCM_16")
         items.append((row["speaker"], Example(dest, (mid_of[word],), row["speaker"])))
-    split_of = split_speakers((s for s, _ in items), seed, test_speakers, val_speakers)
-    prepared = write_splits(out, _group(items, split_of), labels)
-    _write_speakers(out, split_of, seed)
-    return prepared
+    return _write_speaker_splits(out, items, seed, test_speakers, val_speakers)
 
 
 ESC10_VAL_FOLD, ESC10_TEST_FOLD = 4, 5
