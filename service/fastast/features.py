@@ -134,7 +134,7 @@ def _log_mel(frames: Tensor, window: Tensor, mel: MelProjection) -> Tensor:
     frames = F.pad(frames, (0, 2 * (mel.matrix.shape[0] - 1) - frames.shape[-1]))
     spectrum = torch.fft.rfft(frames)
     power = spectrum.real.square() + spectrum.imag.square()
-    return mel(power).clamp_min(LOG_FLOOR).log()
+    return mel(power).clamp_min_(LOG_FLOOR).log_()
 
 
 def pad_or_trim(fbank: Tensor, target_length: int) -> Tensor:
@@ -168,7 +168,7 @@ def featurize(
     gets exactly the features it would get alone.
     """
     batch, _ = _as_batch(waveforms)
-    if not bool(torch.isfinite(batch).all()):
+    if not _all_finite(batch):
         raise InvalidAudioError("audio contains NaN or infinite samples")
     if sample_rate != model_sample_rate:
         if lengths is not None:
@@ -177,9 +177,20 @@ def featurize(
         batch = torch.from_numpy(np.ascontiguousarray(resampled)).to(batch.device)
     # Samples past the last kept frame cannot change the output: skip their fbank.
     fbank = kaldi_fbank(batch[:, : window_samples(target_length, model_sample_rate)], model_sample_rate, num_mel_bins)
-    if lengths is not None:
+    if lengths is not None and not _all_full(lengths, batch.shape[-1]):
         fbank = _zero_padding_frames(fbank, lengths, model_sample_rate)
     return normalize(pad_or_trim(fbank, target_length), mean, std)
+
+
+def _all_finite(batch: Tensor) -> bool:
+    """Whether no sample is NaN or infinite: one sum (NaN and infinity propagate through it) instead of four passes;
+    only a sum that overflowed on finite samples takes the exact check."""
+    return bool(torch.isfinite(batch.sum())) or bool(torch.isfinite(batch).all())
+
+
+def _all_full(lengths: Sequence[int] | Tensor, width: int) -> bool:
+    """Whether every row of a padded batch is a whole clip (as a batch of same-length clips is): no frame to mask."""
+    return not isinstance(lengths, Tensor) and all(length >= width for length in lengths)
 
 
 def _zero_padding_frames(fbank: Tensor, lengths: Sequence[int] | Tensor, sample_rate: int) -> Tensor:

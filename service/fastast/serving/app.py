@@ -24,6 +24,7 @@ from fastast.serving.errors import ErrorResponse, error_response, install_error_
 from fastast.serving.intake import FILE_FIELD
 from fastast.serving.schemas import ClassifyResponse, ModelsResponse, Status
 from fastast.serving.engine_client import EngineClient
+from fastast.serving.lane import ClassifyLane
 from fastast.serving.metrics import ServingMetrics
 from fastast.serving.service import DEFAULT_TOP_K, Service
 from fastast.serving.settings import ServeSettings
@@ -219,6 +220,7 @@ def create_app(settings: ServeSettings | None = None, backend=None, *, engine: E
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(ClassifyLane, service=service)
     return app
 
 

@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import numpy as np
 import zmq
-import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
+from zmq.utils.monitor import parse_monitor_message
 
 from fastast.serving import protocol
+from fastast.serving.channel import Channel
 
 log = logging.getLogger("fastast.serving")
 
@@ -44,43 +44,48 @@ class EngineClient:
         self.alive = False
         self._pending: dict[int, asyncio.Future[protocol.Result]] = {}
         self._ids = itertools.count()
-        self._tasks: list[asyncio.Task] = []
-        self._context: zmq.asyncio.Context | None = None
-        self._socket: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._hello: asyncio.Future[list[zmq.Frame]] | None = None
+        self._context: zmq.Context | None = None
+        self._channel: Channel | None = None
+        self._monitor: Channel | None = None
 
     async def connect(self) -> protocol.EngineInfo:
         """Say hello and learn the served model's EngineInfo; then listen for results and for the engine's death."""
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an engine that is not connected
-        self._monitor = monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an engine that is not connected
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         monitor.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.address)
+        socket.connect(self.address)
+        self._hello = asyncio.get_running_loop().create_future()
+        self._channel = Channel(socket, self._receive)
+        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        while True:  # IMMEDIATE: a HELLO sent before the connection is up is refused, not queued
+            try:
+                self._channel.send([protocol.HELLO])
+                break
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise EngineUnavailableError(f"no engine answered at {self.address}") from None
+                await asyncio.sleep(0.01)
         try:
-            await asyncio.wait_for(self._socket.send(protocol.HELLO), HELLO_TIMEOUT_S)
-            kind, info, state = await asyncio.wait_for(self._socket.recv_multipart(), HELLO_TIMEOUT_S)
+            _, info, state = await asyncio.wait_for(self._hello, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise EngineUnavailableError(f"no engine answered at {self.address}") from None
-        assert kind == protocol.HELLO
-        self.info = protocol.EngineInfo(**protocol.decode(info))
-        self.state = protocol.EngineState(**protocol.decode(state))
+        self.info = protocol.EngineInfo(**protocol.decode(info.buffer))
+        self.state = protocol.EngineState(**protocol.decode(state.buffer))
         self.alive = True
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._receive()), loop.create_task(self._watch(monitor))]
+        self._monitor = Channel(monitor, self._watch)
         return self.info
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is None or self._context is None:
+        if self._channel is None or self._context is None:
             return
-        self._socket.disable_monitor()
+        self._channel.socket.disable_monitor()
         if self._monitor is not None:
             self._monitor.close()
-        self._socket.close()
+        self._channel.close()
         self._context.term()
 
     async def classify(
@@ -92,13 +97,13 @@ class EngineClient:
         """
         if not self.alive:
             raise EngineUnavailableError("the inference engine is not running")
+        assert self._channel is not None
         request_id = next(self._ids)
-        encoded = protocol.encode(replace(header, id=request_id))
         future: asyncio.Future[protocol.Result] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             try:
-                await self._socket.send_multipart([protocol.CLASSIFY, encoded, pcm], flags=zmq.NOBLOCK, copy=False)
+                self._channel.send([protocol.CLASSIFY, protocol.encode(replace(header, id=request_id)), pcm])
             except zmq.Again:
                 raise EngineUnavailableError("the inference engine is not reachable") from None
             waited = {future} if disconnected is None else {future, disconnected}
@@ -114,25 +119,29 @@ class EngineClient:
             self._pending.pop(request_id, None)
 
     def _cancel(self, request_id: int) -> None:
+        assert self._channel is not None
         try:
-            self._socket.send_multipart([protocol.CANCEL, protocol.encode({"id": request_id})], flags=zmq.NOBLOCK)
+            self._channel.send([protocol.CANCEL, protocol.encode({"id": request_id})])
         except zmq.ZMQError:
             pass  # the engine is gone: nothing left to cancel
 
-    async def _receive(self) -> None:
-        while True:
-            kind, body = await self._socket.recv_multipart()
-            message = protocol.decode(body)
-            if kind == protocol.RESULT:
-                future = self._pending.get(message["id"])
-                if future is not None and not future.done():
-                    future.set_result(protocol.Result(**message))
-            elif kind == protocol.STATE:
-                self.state = protocol.EngineState(**message)
+    def _receive(self, frames: list[zmq.Frame]) -> None:
+        kind = frames[0].bytes
+        if kind == protocol.HELLO:
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(frames)
+            return
+        message = protocol.decode(frames[1].buffer)
+        if kind == protocol.RESULT:
+            future = self._pending.get(message["id"])
+            if future is not None and not future.done():
+                future.set_result(protocol.Result(**message))
+        elif kind == protocol.STATE:
+            self.state = protocol.EngineState(**message)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        while (await recv_monitor_message(monitor))["event"] != zmq.EVENT_DISCONNECTED:
-            pass
+    def _watch(self, frames: list[zmq.Frame]) -> None:
+        if parse_monitor_message([frame.bytes for frame in frames])["event"] != zmq.EVENT_DISCONNECTED or not self.alive:
+            return
         log.error("the inference engine disconnected; failing %d waiting request(s)", len(self._pending))
         self.alive = False
         for future in self._pending.values():

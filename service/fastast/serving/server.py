@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -159,8 +160,9 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM and self._drain_started is None:
             if not self.started:
                 # Still starting (perhaps waiting on an engine that died): it has accepted nothing, so it leaves at
-                # once rather than after its start-up gives up.
-                raise SystemExit(0)
+                # once rather than after its start-up gives up. Not by raising SystemExit: landing inside the
+                # lifespan's start-up, uvicorn would report it as a failed start-up (exit code 3).
+                os._exit(0)
             self._drain_started = time.monotonic()
             self.service.begin_drain()
             return
