@@ -66,6 +66,15 @@ def clip(directory: Path, seconds: int) -> Path:
     return path
 
 
+def upload(wav: bytes, multipart: bool) -> tuple[bytes, str]:
+    """The request body and its Content-Type: the WAV itself, or a multipart/form-data form with it as field 'file'."""
+    if not multipart:
+        return wav, "audio/wav"
+    boundary = "fastast-frontend-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    return head.encode() + wav + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,7 +85,8 @@ def start(command: str, model: Path, log: Path, ready_path: str = "/readyz") -> 
     port = free_port()
     args = [*shlex.split(command), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
     with log.open("w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # A session of its own, so that whatever a server leaves running after its SIGTERM can be killed with it.
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -100,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the near-zero model's input frames: 128 (1 s) or 1024 (10 s, so a 10 s clip is one window, as in AudioSet)",
     )  # fmt: skip
     parser.add_argument("--clips", default="1,10", help="clip lengths in seconds")
+    parser.add_argument(
+        "--multipart", action="store_true",
+        help="post each clip as multipart/form-data field 'file' instead of the raw body (peers that take only forms)",
+    )  # fmt: skip
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--duration", type=float, default=8.0)
@@ -123,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
             shift = round_index % len(cases)
             for name, seconds in cases[shift:] + cases[:shift]:
                 process, url = running[name]
+                body, content_type = upload(clips[seconds].read_bytes(), args.multipart)
                 report = run_load(
-                    f"{url}/classify?r=0", clips[seconds].read_bytes(), processes=args.processes,
+                    f"{url}/classify?r=0", body, content_type=content_type, processes=args.processes,
                     connections=args.connections, duration=args.duration, warmup=args.warmup, server_pid=process.pid,
                 )  # fmt: skip
                 report.update(server=name, clip_s=seconds, round=round_index)
@@ -135,11 +150,21 @@ def main(argv: list[str] | None = None) -> None:
             process.send_signal(signal.SIGTERM)
         for process, _ in running.values():
             process.wait(60)
+            stop_leftovers(process)
     table = format_table(runs, cases)
     print(table)
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps(runs, indent=1))
         args.out.with_suffix(".md").write_text(table + "\n")
+
+
+def stop_leftovers(process: subprocess.Popen) -> None:
+    """Kill what a server left behind in its session after it exited (LitServe 0.2.16's processes outlive it)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+        print(f"killed processes pid {process.pid} left behind", file=sys.stderr)
+    except ProcessLookupError:
+        pass
 
 
 def format_table(runs: list[dict], cases: list[tuple[str, int]]) -> str:

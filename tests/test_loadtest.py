@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.auto_ramp import summarize
+from loadtest.frontend import upload
 from loadtest.loadgen import percentile, run_load
 from loadtest.openloop import Outcome, poisson_times, run_open_loop
 from serverutil import running_server, start_server
@@ -43,6 +44,17 @@ def test_loadgen_counts_requests_statuses_and_the_server_trees_cpu(tiny_model_di
     # The CPU of the whole tree (supervisor, engine, workers): more than the supervisor alone could spend idling.
     assert ok["server_cpu_s"] > 0.05 and ok["server_cpu_ms_per_request"] > 0 and ok["loadgen_cpu_s"] > 0
     assert refused["ok"] == 0 and set(refused["status"]) == {"422"}
+
+
+def test_frontend_multipart_upload_is_a_form_the_server_reads(server_url, speech_wav):
+    """loadtest.frontend --multipart (for peers that take only forms) posts a form fastast serve accepts."""
+    wav = speech_wav.read_bytes()
+    assert upload(wav, multipart=False) == (wav, "audio/wav")
+    body, content_type = upload(wav, multipart=True)
+    assert content_type.startswith("multipart/form-data; boundary=") and wav in body
+    report = run_load(f"{server_url}/classify?r=0", body, content_type=content_type, processes=1, connections=2,
+                      duration=1, warmup=0)  # fmt: skip
+    assert report["ok"] == report["requests"] > 0
 
 
 def test_open_loop_sends_every_poisson_arrival_and_reads_the_r_used(tiny_model_dir, speech_wav):
