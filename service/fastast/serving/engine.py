@@ -33,7 +33,6 @@ from fastast.features import model_input, pad_rows
 from fastast.serving import protocol
 from fastast.serving.auto_r import AutoR, CostModel, auto_ladder
 from fastast.serving.backend import Backend, load_backend
-from fastast.serving.channel import Channel
 from fastast.serving.batcher import (
     BatchFailedError,
     BatchResult,
@@ -43,6 +42,7 @@ from fastast.serving.batcher import (
     Job,
     QueueFullError,
 )
+from fastast.serving.channel import Channel
 from fastast.serving.metrics import BUSY_WINDOW_S, ServingMetrics
 from fastast.serving.settings import ServeSettings
 from fastast.windows import Windowing, aggregate, top_k
