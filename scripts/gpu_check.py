@@ -10,6 +10,8 @@ Steps, each under its own time limit so one failure costs only its own slot:
 5. (Only with --steps auto: about 4 minutes.) r=auto on AST-base under an open-loop ramp (loadtest.auto_ramp),
    beside fixed r=0 and fixed r=40: the model-bound run the CPU host could not give. Random weights have no r
    table, so --auto-max-r 40 sets the ladder and the expected accuracy column stays empty.
+6. (Only with --steps compile: a few minutes of compiling.) `fastast bench --backend torch,torch-compile` on
+   AST-base at the served r values: whether torch.compile graphs per r would pay on this GPU (the issue's item 6).
 
 Everything lands in OUT (default /tmp/gpu_check): results.json with every figure, and the servers' log tails.
 """
@@ -61,6 +63,15 @@ def bench_base() -> dict:
         "--batch-size", str(BENCH_BATCH), "--r", r, "--vs-hf", "--warmup", "3", "--runs", "10", "--json",
     )  # fmt: skip
     return run_json(command, timeout=240)
+
+
+def bench_compiled() -> dict:
+    command = fastast(
+        "bench", "--arch", "base", "--target-length", "1024", "--dtype", "bf16", "--device", "cuda",
+        "--batch-size", str(BENCH_BATCH), "--r", ",".join(map(str, SERVED_BASE_R)), "--backend", "torch,torch-compile",
+        "--warmup", "3", "--runs", "10", "--json",
+    )  # fmt: skip
+    return run_json(command, timeout=420)
 
 
 # ---- 2. fbank on the device ---------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ def auto_ramp(out: Path, work: Path) -> dict:
 
 
 STEPS = {"bench": bench_base, "fbank": fbank_parity, "serve": serve_under_load, "onnxruntime": onnxruntime_cuda}
-OPTIONAL_STEPS = {"auto": auto_ramp}
+OPTIONAL_STEPS = {"auto": auto_ramp, "compile": bench_compiled}
 
 
 def main() -> None:

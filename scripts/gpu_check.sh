@@ -3,7 +3,9 @@
 #
 # The GPU host has torch, onnxruntime and transformers but no registry and none of the serving dependencies, so
 # they travel as wheels: run `make gpu-wheels` here once (they land in the git-ignored .whl/), then run this script
-# there with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"].
+# there with the device tool: command `bash scripts/gpu_check.sh`, carry [".whl"]. Optional steps run on their own
+# (each takes minutes): `bash scripts/gpu_check.sh --steps auto` (r=auto under a load ramp) or `--steps compile`
+# (torch.compile against eager on AST-base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}

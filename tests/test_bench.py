@@ -128,6 +128,22 @@ def test_another_backend_plugs_in_as_a_runner():
     assert all(b.max_abs_diff == 0.0 and math.isfinite(b.ratio) for b in report.baselines)
 
 
+def test_torch_compile_backend_builds_a_graph_per_r_with_the_same_logits():
+    """--backend torch-compile: inductor compiles during each r's warm-up (one graph per r, nothing left to eager)
+    and its logits match the eager network's. A 1-block, 16-wide AST keeps the CPU compile to seconds."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    network = AST(ASTConfig(num_classes=5, dim=16, depth=1, heads=1, target_length=64)).eval()
+    backends = [bench.Backend("torch", lambda f, r: network(f, r)), bench.Backend("torch-compile", bench.compiled_runner(network, [0, 4]))]
+    features = bench.make_features(network.config, 2, torch.device("cpu"), torch.float32)
+    report = bench.run_bench(backends, network.config, features, [4], warmup=1, runs=1, arch="micro")
+    assert [(b.backend, b.r) for b in report.baselines] == [("torch-compile", 0), ("torch-compile", 4)]
+    assert all(b.max_abs_diff < 1e-5 and b.samples_per_s > 0 for b in report.baselines)
+    assert counters["stats"]["unique_graphs"] >= 2  # r=0 and r=4 each got a compiled graph
+
+
 def test_cases_are_timed_in_interleaved_rotating_rounds():
     """Background load drifts: each round runs every case once, and no case always goes first."""
     calls = []
@@ -148,6 +164,7 @@ def test_cases_are_timed_in_interleaved_rotating_rounds():
         (["--dtype", "int8"], "unknown dtype"),
         (["--device", "tpu"], "unknown device"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--backend", "torch,tensorrt"], "--backend takes torch, torch-compile, onnxruntime"),
         (["--model", "/nonexistent"], "either --model DIR or --arch"),
         (["--target-length", "8"], "shorter than one 16-frame patch"),
     ],

@@ -128,6 +128,18 @@ def hf_backend(network: AST) -> Backend:
     return Backend("transformers-sdpa", lambda features, r: hf(input_values=features).logits, merges=False)
 
 
+def compiled_runner(network: AST, r_values: Sequence[int]) -> Runner:
+    """The network under torch.compile (inductor, static shapes): r is a Python int, so each r gets a graph of its
+    own, built in that case's warm-up. Dynamo's recompile limit is raised to cover them all; past it, it would fall
+    back to eager without saying so and time the wrong thing."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), len(r_values) + 1))
+    compiled = torch.compile(network, dynamic=False)
+    return lambda features, r: compiled(features, r)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastast.errors import FastASTError
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("torch", "torch-compile", "onnxruntime")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--vs-hf", action="store_true", help="also time transformers' AST (sdpa) with the same weights")
     parser.add_argument(
-        "--backend", default="torch", help="torch and/or onnxruntime, comma-separated; the first is the reference"
+        "--backend",
+        default="torch",
+        help="torch, torch-compile (torch.compile, one graph per r, compiled during the warm-up) and/or onnxruntime, "
+        "comma-separated; the first is the reference",
     )
     parser.add_argument(
         "--onnx", type=Path, help="exported graphs for onnxruntime (default: --model's, else exported for this run)"
@@ -72,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in bench.DTYPES:
         raise FastASTError(f"unknown dtype {args.dtype!r}; choose one of {', '.join(bench.DTYPES)}")
     backend_names = args.backend.split(",")
-    if not set(backend_names) <= {"torch", "onnxruntime"} or len(set(backend_names)) != len(backend_names):
-        raise FastASTError(f"--backend takes torch and/or onnxruntime, comma-separated, got {args.backend!r}")
+    if not set(backend_names) <= set(BACKENDS) or len(set(backend_names)) != len(backend_names):
+        raise FastASTError(f"--backend takes {', '.join(BACKENDS)}, comma-separated, got {args.backend!r}")
     if (args.model is None) == (args.arch is None):
         raise FastASTError("give either --model DIR or --arch tiny|small|base")
     device = torch.device(resolve_device(args.device))
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = bench.DTYPES[args.dtype]
     network.to(device=device, dtype=dtype)
     runners = {"torch": lambda features, r: network(features, r)}
+    if "torch-compile" in backend_names:
+        runners["torch-compile"] = bench.compiled_runner(network, rs)
     if "onnxruntime" in backend_names:
         from fastast.export.ort import runner_for
 
