@@ -81,14 +81,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: str, model: Path, log: Path, ready_path: str = "/readyz") -> tuple[subprocess.Popen, str]:
+def start(
+    command: str, model: Path, log: Path, ready_path: str = "/readyz", timeout_s: float = 120.0
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [*shlex.split(command), "--model", str(model), "--port", str(port), "--host", "127.0.0.1"]
     with log.open("w") as out:
         # A session of its own, so that whatever a server leaves running after its SIGTERM can be killed with it.
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}{ready_path}", timeout=2) as response:
@@ -97,7 +99,7 @@ def start(command: str, model: Path, log: Path, ready_path: str = "/readyz") -> 
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit(f"{command}: not ready after 120 s; see {log}")
+    raise SystemExit(f"{command}: not ready after {timeout_s:g} s; see {log}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the near-zero model's input frames: 128 (1 s) or 1024 (10 s, so a 10 s clip is one window, as in AudioSet)",
     )  # fmt: skip
     parser.add_argument("--clips", default="1,10", help="clip lengths in seconds")
+    parser.add_argument("--r", type=int, default=0, help="the r every request asks for (the peers always run r=0)")
     parser.add_argument(
         "--multipart", action="store_true",
         help="post each clip as multipart/form-data field 'file' instead of the raw body (peers that take only forms)",
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds a server may take to be ready")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastast-frontend"))
     parser.add_argument("--out", type=Path, help="write OUT.json (every run) and OUT.md (the table)")
     args = parser.parse_args(argv)
@@ -127,19 +131,20 @@ def main(argv: list[str] | None = None) -> None:
     clips = {int(s): clip(args.work, int(s)) for s in args.clips.split(",")}
     servers = dict(spec.split("=", 1) for spec in args.server)
     ready = dict(spec.split("=", 1) for spec in args.ready)
-    running = {
-        name: start(command, model, args.work / f"{name}.log", ready.get(name, "/readyz")) for name, command in servers.items()
-    }
+    running: dict[str, tuple[subprocess.Popen, str]] = {}
     cases = [(name, seconds) for name in servers for seconds in clips]
     runs: list[dict] = []
     try:
+        for name, command in servers.items():
+            log = args.work / f"{name}.log"
+            running[name] = start(command, model, log, ready.get(name, "/readyz"), args.ready_timeout)
         for round_index in range(args.rounds):
             shift = round_index % len(cases)
             for name, seconds in cases[shift:] + cases[:shift]:
                 process, url = running[name]
                 body, content_type = upload(clips[seconds].read_bytes(), args.multipart)
                 report = run_load(
-                    f"{url}/classify?r=0", body, content_type=content_type, processes=args.processes,
+                    f"{url}/classify?r={args.r}", body, content_type=content_type, processes=args.processes,
                     connections=args.connections, duration=args.duration, warmup=args.warmup, server_pid=process.pid,
                 )  # fmt: skip
                 report.update(server=name, clip_s=seconds, round=round_index)

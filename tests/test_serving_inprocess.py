@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import torch
 
 from fastast import cli
 from fastast.commands import serve as serve_command
 from fastast.errors import FastASTError
 from fastast.serving.app import create_app
-from fastast.serving.backend import TorchBackend, load_torch_backend
+from fastast.serving.backend import TorchBackend, load_backend, load_torch_backend
 from fastast.serving.batcher import Batcher, QueueFullError
 from fastast.serving.engine import warmup_batch_sizes
 from fastast.serving.metrics import ServingMetrics
@@ -163,6 +164,40 @@ def test_framework_validation_errors_are_reshaped(backend):
     assert response.status_code == 422
     body = response.json()
     assert body["error"] == "invalid_parameter" and body["detail"].startswith("n: ") and "seven" in body["detail"]
+
+
+def test_torch_compile_warms_graphs_for_the_default_r_and_answers_as_eager(tmp_path, speech):
+    """--torch-compile: the warm-up compiles the default r (batch size 1, and one graph for every other size) before
+    ready; answers equal the eager model's, at the compiled r and at an r that stays eager."""
+    from torch._dynamo.utils import counters
+
+    from conftest import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "micro", dim=16, depth=1, heads=1)
+    torch._dynamo.reset()
+    counters.clear()
+
+    async def answers(compiled: bool):
+        backend = load_torch_backend(model_dir, "cpu", "fp32", compiled=compiled)
+        async with serving(backend, default_r=2, max_batch_size=4) as client:
+            graphs = counters["stats"]["unique_graphs"]
+            responses = [await classify(client, speech, **params) for params in ({}, {"r": 0}, {"r": 2, "top_k": 35})]
+        return graphs, responses
+
+    eager_graphs, eager = asyncio.run(answers(False))
+    compiled_graphs, compiled = asyncio.run(answers(True))
+    assert eager_graphs == 0 and compiled_graphs == 2  # r=2 at batch size 1, and at any other size
+    for ours, reference in zip(compiled, eager):
+        assert ours.status_code == reference.status_code == 200
+        ours, reference = ours.json(), reference.json()
+        assert ours["r"] == reference["r"] and [x["index"] for x in ours["labels"]] == [x["index"] for x in reference["labels"]]
+        for x, y in zip(ours["labels"], reference["labels"]):
+            assert abs(x["score"] - y["score"]) < 1e-5
+
+
+def test_torch_compile_is_refused_for_onnxruntime(tiny_model_dir):
+    with pytest.raises(FastASTError, match="--torch-compile applies to the torch backend"):
+        load_backend(ServeSettings(model=tiny_model_dir, backend="onnxruntime", torch_compile=True))
 
 
 # ---- the batcher ----------------------------------------------------------------------------------------------

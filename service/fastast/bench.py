@@ -24,6 +24,7 @@ from fastast.device import DTYPES
 from fastast.errors import FastASTError
 from fastast.model import tome
 from fastast.model.ast import AST, SIZES, ASTConfig
+from fastast.model.compiled import compile_model
 
 Runner = Callable[[Tensor, int], Tensor]
 
@@ -129,14 +130,8 @@ def hf_backend(network: AST) -> Backend:
 
 
 def compiled_runner(network: AST, r_values: Sequence[int]) -> Runner:
-    """The network under torch.compile (inductor, static shapes): r is a Python int, so each r gets a graph of its
-    own, built in that case's warm-up. Dynamo's recompile limit is raised to cover them all; past it, it would fall
-    back to eager without saying so and time the wrong thing."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), len(r_values) + 1))
-    compiled = torch.compile(network, dynamic=False)
+    """The network under torch.compile: a graph per r (one batch size here), built in that case's warm-up."""
+    compiled = compile_model(network, graphs=len(r_values) + 1)
     return lambda features, r: compiled(features, r)
 
 

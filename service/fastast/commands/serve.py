@@ -34,6 +34,8 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
     "backend": ("{torch,onnxruntime}", "torch, or onnxruntime on the `fastast export-onnx` graphs in --model (default torch)"),
     "device": ("DEV", "auto, cpu, cuda or cuda:N (default auto)"),
     "dtype": ("{auto,fp32,bf16,fp16}", "auto = fp32 on CPU, bf16 (fp16 without bf16 support) on CUDA (default auto)"),
+    "torch_compile": (None, "torch backend: torch.compile graphs for the r values the warm-up runs (the default r "
+                      "and r=auto's) before ready; minutes more start-up, any other r runs eagerly (default False)"),
     "workers": ("N", "API worker processes sharing the port (default: usable CPUs, at most 8)"),
     "engine_threads": ("N", "torch CPU threads in the engine (default: usable CPUs minus workers, at least 1)"),
     "decode_threads": ("N", "threads per API worker that decode audio (default 2)"),

@@ -9,13 +9,16 @@ card's input spec.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from fastast.device import DTYPES, resolve_device
+from fastast.errors import FastASTError
 from fastast.model.card import ModelCard
+from fastast.model.compiled import compile_model
 from fastast.model.store import FastASTModel, load_model
 
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -45,6 +48,9 @@ class Backend(abc.ABC):
     def check_r(self, r: int) -> None:
         """Raise InvalidRError for an r this backend cannot run (ONNX: one without a graph); any r by default."""
 
+    def prepare(self, r_values: Sequence[int]) -> None:
+        """Called before the warm-up with the r values it runs: a backend may specialise for them (torch.compile)."""
+
     @property
     def r_values(self) -> list[int] | None:
         """The only r values this backend can run (ONNX: one graph each); None for any r up to max_r."""
@@ -65,13 +71,23 @@ class Backend(abc.ABC):
 
 
 class TorchBackend(Backend):
-    """FastASTModel in eager PyTorch, under torch.inference_mode."""
+    """FastASTModel in PyTorch, under torch.inference_mode: eager, or with `compiled` torch.compile graphs for the
+    r values the warm-up runs (any other r runs eagerly, so no request ever waits for a compile)."""
 
     name = "torch"
 
-    def __init__(self, model: FastASTModel):
+    def __init__(self, model: FastASTModel, compiled: bool = False):
         super().__init__(model.card)
         self.model = model
+        self.compiled = compiled
+        self._graphs: Callable[[Tensor, int], Tensor] | None = None
+        self._compiled_r: frozenset[int] = frozenset()
+
+    def prepare(self, r_values: Sequence[int]) -> None:
+        """With `compiled`: two graphs per r (batch size 1, and any other size: the batch dimension is dynamic)."""
+        if self.compiled:
+            self._graphs = compile_model(self.model, graphs=2 * len(r_values))
+            self._compiled_r = frozenset(r_values)
 
     @property
     def device(self) -> str:
@@ -90,8 +106,13 @@ class TorchBackend(Backend):
         return self.model.device
 
     def run(self, features: Tensor, r: int) -> Tensor:
+        features = features.to(self.model.device, non_blocking=True)
         with torch.inference_mode():
-            return self.model.scores(self.model(features.to(self.model.device, non_blocking=True), r))
+            if self._graphs is None or r not in self._compiled_r:
+                return self.model.scores(self.model(features, r))
+            if len(features) > 1:
+                torch._dynamo.mark_dynamic(features, 0)
+            return self.model.scores(self._graphs(features, r))
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -104,19 +125,23 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 
 
 def load_torch_backend(
-    model_dir: Path, device: str = "auto", dtype: str = "auto", allow_unverified: bool = False
+    model_dir: Path, device: str = "auto", dtype: str = "auto", allow_unverified: bool = False, compiled: bool = False
 ) -> TorchBackend:
     torch_device = resolve_device(device)
     model = load_model(
         model_dir, device=torch_device, dtype=resolve_dtype(dtype, torch_device), allow_unverified=allow_unverified
     )
-    return TorchBackend(model)
+    return TorchBackend(model, compiled)
 
 
 def load_backend(settings) -> Backend:
     """The runtime --backend names, on --model with --device and --dtype."""
     if settings.backend == "onnxruntime":
+        if settings.torch_compile:
+            raise FastASTError("--torch-compile applies to the torch backend, not onnxruntime")
         from fastast.export.backend import load_onnx_backend
 
         return load_onnx_backend(settings.model, settings.device, settings.dtype)
-    return load_torch_backend(settings.model, settings.device, settings.dtype, settings.allow_unverified)
+    return load_torch_backend(
+        settings.model, settings.device, settings.dtype, settings.allow_unverified, settings.torch_compile
+    )

@@ -158,8 +158,10 @@ class Engine:
         auto = self.batcher.auto
         sizes = warmup_batch_sizes(self.settings.max_batch_size)
         default = [self.settings.default_r] if isinstance(self.settings.default_r, int) else []
+        warmed = sorted({*default, *self.auto_r})
         try:
-            for r in sorted({*default, *self.auto_r}):
+            self.backend.prepare(warmed)
+            for r in warmed:
                 seconds = [await self._timed_batch(r, size, runs=WARMUP_TIMED_RUNS if r in self.auto_r else 1) for size in sizes]
                 if auto is not None and r in self.auto_r:
                     auto.costs.fit(r, sizes, seconds)

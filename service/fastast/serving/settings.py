@@ -60,6 +60,11 @@ class ServeSettings(BaseSettings):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="weights and activations: auto = fp32 on CPU, bf16 (or fp16) on CUDA"
     )
+    torch_compile: bool = Field(
+        False,
+        description="torch backend: torch.compile graphs for the r values the warm-up runs (the default r and r=auto's), "
+        "built before ready (minutes more start-up); any other r runs eagerly",
+    )
     workers: int | None = Field(
         None, ge=1, le=64, description="API worker processes sharing the port (default: usable CPUs, at most 8)"
     )
