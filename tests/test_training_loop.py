@@ -228,6 +228,10 @@ def test_fine_tune_from_init_resizes_pos_embed_and_replaces_head(tones, tmp_path
     assert main(["train", *args]) == 0
     card = load_model(out).card
     assert card.provenance["pos_embed"] == "(8, 8) -> (8, 4)" and "replaced" in card.provenance["head"]
+    # The architecture is the init model's (stride 16), so the card records no other strides (the CLI's default is 10).
+    assert (card.arch["fstride"], card.arch["tstride"]) == (16, 16)
+    assert "--fstride" not in card.provenance["command"] and "--tstride" not in card.provenance["command"]
+    assert not {"dim", "depth", "heads", "fstride", "tstride"} & set(card.provenance["training"])
 
 
 def test_resize_pos_embed_cut_and_interpolate():

@@ -85,10 +85,14 @@ def config_from_args(args: argparse.Namespace, **extra):
 
 
 def _as_options(args: argparse.Namespace) -> list[str]:
-    """The parsed options as an explicit command line (for the card's provenance)."""
+    """The parsed options as an explicit command line (for the card's provenance), without the architecture options
+    an --init model overrides."""
+    from fastast.training.init import INIT_ARCH_OPTIONS
+
+    unused = INIT_ARCH_OPTIONS if getattr(args, "init", None) else ()
     words = []
     for key, value in sorted(vars(args).items()):
-        if key in ("command", "func") or value is None or value is False:
+        if key in ("command", "func", *unused) or value is None or value is False:
             continue
         flag = "--lambda" if key == "lam" else "--" + key.replace("_", "-")
         values = value if isinstance(value, (list, tuple)) else [value]

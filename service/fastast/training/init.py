@@ -17,6 +17,8 @@ from fastast.model.ast import AST
 from fastast.model.card import Label
 from fastast.model.store import load_model, load_state_dict_checked
 
+# The training options an --init model's own architecture overrides: recorded in a card only when they were used.
+INIT_ARCH_OPTIONS = ("dim", "depth", "heads", "fstride", "tstride")
 AST_HEAD = ("head_norm.", "head.")
 TEACHER_HEAD = ("pool.",)
 

@@ -41,6 +41,7 @@ from fastast.training.data import (
     read_manifest,
     read_path_list,
 )
+from fastast.training.init import INIT_ARCH_OPTIONS, init_arch
 from fastast.training.losses import cmkd_loss, label_loss
 
 ARCHS = ("tiny", "small", "base", "efficientnet_b2")
@@ -100,12 +101,10 @@ def build_student(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dic
         raise DataError(f"unknown arch {config.arch!r}; choose one of {', '.join(ARCHS)}")
     overrides = {k: v for k, v in (("dim", config.dim), ("depth", config.depth), ("heads", config.heads)) if v}
     if config.init is not None:
-        from fastast.training.init import init_arch
-
         base = init_arch(config.init)
         if base.get("type", "ast") != "ast":
             raise CheckpointError(f"--init {config.init}: not an AST model")
-        overrides = {k: base[k] for k in ("dim", "depth", "heads", "mlp_ratio", "fstride", "tstride", "norm_eps", "head_norm_eps")}
+        overrides = {k: base[k] for k in (*INIT_ARCH_OPTIONS, "mlp_ratio", "norm_eps", "head_norm_eps")}
     dim, heads = SIZES[config.arch]
     ast_config = ASTConfig(**{
         "num_classes": num_classes, "dim": dim, "heads": heads, "fstride": config.fstride, "tstride": config.tstride,
@@ -368,6 +367,7 @@ class Trainer:
 
     def _card(self, spec: InputSpec, augment: AugmentConfig, init_notes: dict, state: dict | None = None) -> ModelCard:
         config = self.config
+        unused = INIT_ARCH_OPTIONS if config.init is not None else ()  # the --init model's architecture won
         provenance = {
             "source": "fastast distill" if self.teacher else "fastast train",
             "command": config.command,
@@ -375,7 +375,7 @@ class Trainer:
                      "labels": str(config.labels),
                      "train_examples": len(self.train_examples), "val_examples": len(self.val_examples)},
             "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()
-                         if k not in ("command", "augment", "train", "val", "labels", "out")},
+                         if k not in ("command", "augment", "train", "val", "labels", "out", *unused)},
             "augment": augment.to_dict(),
             **init_notes,
         }
