@@ -131,8 +131,7 @@ def hf_backend(network: AST) -> Backend:
 
 def compiled_runner(network: AST, r_values: Sequence[int]) -> Runner:
     """The network under torch.compile: a graph per r (one batch size here), built in that case's warm-up."""
-    compiled = compile_model(network, graphs=len(r_values) + 1)
-    return lambda features, r: compiled(features, r)
+    return compile_model(network, graphs=len(r_values) + 1)
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,6 +31,7 @@ SAMPLE_RATE = 16000
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SILENCE = "_silence_"
 SPEECH_LABELS = bundled_labels("speechcommands")  # the default model's 35 words, for both speech preparers
+SPEECH_MIDS = {label.display_name: label.mid for label in SPEECH_LABELS}
 
 
 def read_clips(root: Path, columns: Iterable[str]) -> list[dict[str, str]]:
@@ -81,13 +82,12 @@ def prepare_real_speechcommands(root: str | Path, out: str | Path, seed: int = 0
     """speech_commands_test_v0.02/ -> train/val/test.json (35 words), noise.txt, speakers.json, labels.csv."""
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "word", "speaker"))
-    mid_of = {label.display_name: label.mid for label in SPEECH_LABELS}
     items, noise = [], []
     for row in rows:
         if row["word"] == SILENCE:
             noise.append(str((root / row["path"]).resolve()))
-        elif row["word"] in mid_of and row["speaker"]:
-            items.append((row["speaker"], Example(root / row["path"], (mid_of[row["word"]],), row["speaker"])))
+        elif row["word"] in SPEECH_MIDS and row["speaker"]:
+            items.append((row["speaker"], Example(root / row["path"], (SPEECH_MIDS[row["word"]],), row["speaker"])))
         else:
             raise DataError(f"{root / 'clips.csv'}: {row['path']} has word {row['word']!r} "
                             f"and speaker {row['speaker']!r}; expected a 35-word clip with a speaker, or {SILENCE}")
@@ -107,7 +107,6 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
     """fsdd/ -> OUT/audio/*.flac (16 kHz, >= 1 s) and train/val/test.json with the 35-word labels."""
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "digit", "speaker"))
-    mid_of = {label.display_name: label.mid for label in SPEECH_LABELS}
     audio = out / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     items = []
@@ -120,7 +119,7 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
         if not dest.is_file():
             wave = centre_in_second(load_audio(root / row["path"], SAMPLE_RATE))
             sf.write(str(dest), wave, SAMPLE_RATE, subtype="PCM_16")
-        items.append((row["speaker"], Example(dest, (mid_of[word],), row["speaker"])))
+        items.append((row["speaker"], Example(dest, (SPEECH_MIDS[word],), row["speaker"])))
     return _write_speaker_splits(out, items, seed, test_speakers, val_speakers)
 
 
