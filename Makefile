@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_VERSION := 3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
-DEB_PACKAGES := prometheus espeak-ng sox ffmpeg libsndfile1 chromium
+DEB_PACKAGES := prometheus espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox ffmpeg libsndfile1 chromium
 MODEL ?= model_store/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -35,7 +35,7 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/python -m pip install -q 'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
-# Debian packages used by the tests (real Prometheus, espeak-ng speech, sox, headless Chromium for /docs); installed only when missing.
+# Debian packages used by the tests (real Prometheus, espeak-ng, flite and festival speech, sox, headless Chromium for /docs); installed only when missing.
 system-deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -163,3 +163,52 @@ def test_bad_out_gives_one_line_and_exit_2(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out) in err
     assert out.is_file() if kind == "file" else [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+ENGINES = "espeak-ng,flite,festival"
+
+
+def test_flite_and_festival_voices_speak_a_share_of_train_only(tmp_path):
+    out = tmp_path / "engines"
+    argv = ["synth-commands", "--out", str(out), "--per-word", "5", "--seed", "0", "--engines", ENGINES]
+    assert main([*argv, "--val-speakers", "2", "--test-speakers", "2"]) == 0
+    record = json.loads((out / "speakers.json").read_text())
+    assert record["engines"] == sorted(ENGINES.split(","))
+    by_split = {split: [s for p, s in record["clips"].items() if p.startswith(f"{split}/")] for split in synth.SPLITS}
+    other = [s for s in by_split["train"] if s.split(":")[0] in ("flite", "festival")]
+    # A third of the 105 training clips, give or take the binomial spread (sd 4.8).
+    assert 20 <= len(other) <= 50
+    assert {s.split(":")[0] for s in other} == {"flite", "festival"}
+    for held in ("val", "test"):
+        assert all(":" not in s for s in by_split[held])
+    for ex in read_manifest(out / "train.json"):
+        info = sf.info(str(ex.path))
+        assert (info.samplerate, info.frames) == (16000, 16000)
+
+
+OTHER_VOICES = [synth.Speaker(f"{engine}:{name}") for engine, names in synth.ENGINE_VOICES.items() for name in names]
+
+
+def test_the_other_engines_voices_are_installed():
+    assert synth.engine_speakers(tuple(synth.ENGINES)) == sorted(OTHER_VOICES)
+    assert synth.engine_speakers(("espeak-ng",)) == []
+
+
+@pytest.mark.parametrize("speaker", OTHER_VOICES, ids=lambda s: s.name)
+def test_every_other_engine_voice_follows_the_planned_speed_and_is_repeatable(speaker):
+    slow = synth.speak("seven", speaker, pitch=40, speed=100, amplitude=100)
+    fast = synth.speak("seven", speaker, pitch=40, speed=180, amplitude=100)
+    assert np.sqrt(np.mean(slow.astype(np.float64) ** 2)) > 1e-2  # speech, not silence
+    assert len(fast) / len(slow) == pytest.approx(100 / 180, rel=0.15)
+    np.testing.assert_array_equal(synth.speak("seven", speaker, pitch=40, speed=100, amplitude=100), slow)
+
+
+@pytest.mark.parametrize(
+    ("engines", "message"),
+    [("espeak-ng,nope", "unknown TTS engine 'nope'"), ("flite", "must include espeak-ng")],
+)
+def test_bad_engines_give_one_line_and_exit_2(tmp_path, capsys, engines, message):
+    assert main(["synth-commands", "--out", str(tmp_path / "new"), "--engines", engines]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "new").exists()

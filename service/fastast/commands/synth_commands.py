@@ -1,4 +1,4 @@
-"""`fastast synth-commands`: write a synthetic Speech Commands V2 data set spoken by espeak-ng."""
+"""`fastast synth-commands`: write a synthetic Speech Commands V2 data set spoken by TTS engines."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "synth-commands",
-        help="write a synthetic Speech Commands data set (espeak-ng speech, noise, speaker-disjoint splits)",
-        description="The 35 Speech Commands V2 words spoken by espeak-ng voices and variants, as one-second "
-        "16 kHz WAVs with background noise, plus AST manifests train/val/test.json (wav paths relative to "
-        "the manifest's folder), labels.csv and speakers.json. Val and test speakers never occur in train; "
-        "the same seed gives byte-identical files.",
+        help="write a synthetic Speech Commands data set (TTS speech, noise, speaker-disjoint splits)",
+        description="The 35 Speech Commands V2 words spoken by espeak-ng voices and variants (and, with "
+        "--engines, flite and festival voices in train), as one-second 16 kHz WAVs with background noise, plus "
+        "AST manifests train/val/test.json (wav paths relative to the manifest's folder), labels.csv and "
+        "speakers.json. Val and test speakers never occur in train; the same seed gives byte-identical files.",
     )
     parser.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
     parser.add_argument(
@@ -26,6 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel espeak-ng calls")
     parser.add_argument("--val-speakers", type=int, default=6, help="speakers (voice+variant) held out for val")
     parser.add_argument("--test-speakers", type=int, default=6, help="speakers (voice+variant) held out for test")
+    parser.add_argument(
+        "--engines",
+        default="espeak-ng",
+        help="comma-separated TTS engines: espeak-ng (always; it speaks val and test), flite, festival "
+        "(their 7 voices speak a third of the training clips; apt-get install flite festival festvox-kallpc16k "
+        "festvox-kdlpc16k festvox-us-slt-hts)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         val_speakers=args.val_speakers,
         test_speakers=args.test_speakers,
+        engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
         progress=progress,
     )
     total = sum(s["clips"] for s in summary.values())

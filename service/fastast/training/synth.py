@@ -1,10 +1,12 @@
-"""A synthetic Speech Commands V2: the 35 keywords spoken by espeak-ng, so a keyword model trains offline.
+"""A synthetic Speech Commands V2: the 35 keywords spoken by TTS engines, so a keyword model trains offline.
 
-A speaker is an espeak-ng voice (an English accent, or another language reading the English word) plus a
+An espeak-ng speaker is a voice (an English accent, or another language reading the English word) plus a
 variant (the timbre). Val and test each get voices *and* variants that no other split uses, so a test
-speaker's accent and timbre are never heard in training. Every clip is planned up front from its own
-seeded numpy Generator and rendered on its own, so a seed gives byte-identical files however the thread
-pool schedules the espeak-ng calls.
+speaker's accent and timbre are never heard in training. flite's and festival's voices (recorded people,
+closer to real speech than espeak-ng's formants, but only seven of them) speak a share of the training clips
+only, pitch-shifted by sox for timbre: val and test stay espeak-ng, comparable whatever engines trained.
+Every clip is planned up front from its own seeded numpy Generator and rendered on its own, so a seed gives
+byte-identical files however the thread pool schedules the TTS calls.
 
 Layout of the output folder: `labels.csv` (AST label CSV), `train.json`, `val.json`, `test.json` (AST
 manifests whose wav paths are relative to the manifest's folder), `speakers.json`, and the clips as
@@ -18,6 +20,7 @@ import math
 import re
 import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +47,17 @@ SNR_DB = (5.0, 30.0)
 NOISE_SLOPES = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # noise power falls as 1/f**slope
 SILENCE_DB = -40.0  # 5 ms frames this far below the loudest one are espeak-ng's padding
 PEAK = 0.99  # a louder mix is scaled down (speech and noise alike, so the SNR holds)
-ENGLISH_SHARE = 0.5  # of each split's clips spoken by an English voice; accents speak the rest
+ENGLISH_SHARE = 0.5  # of each split's espeak-ng clips spoken by an English voice; accents speak the rest
+ENGINES = ("espeak-ng", "flite", "festival")
+# Voices of the other engines (Debian packages flite, festival, festvox-kallpc16k, festvox-kdlpc16k,
+# festvox-us-slt-hts): five people, two of them in two engines. flite's kal (8 kHz) and awb_time are left out.
+ENGINE_VOICES = {
+    "flite": ("kal16", "awb", "rms", "slt"),
+    "festival": ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"),
+}
+ENGINE_SHARE = 1 / 3  # of the training clips spoken by flite and festival voices, when they are used
+WORDS_PER_MINUTE = 140  # a flite/festival voice's own pace as an espeak-ng speed: sox tempo = speed / this
+CENTS_PER_PITCH_STEP = 12  # espeak-ng pitch 25..75 -> a sox pitch shift of -300..+300 cents for other engines
 # Other languages' voices that read the English words as accented English: Latin-script rules, no spelling
 # out letter by letter, words under a second at 120 wpm (cmn reads Latin text as English, Mandarin-voiced).
 ACCENT_VOICES = frozenset(
@@ -59,17 +72,21 @@ _VARIANT_FILE = re.compile(r"!v/(\S+(?: \S+)*?)(?: {2,}|\s*$)")
 
 @dataclass(frozen=True, order=True)
 class Speaker:
-    voice: str
-    variant: str = ""  # "" is the voice's own timbre
+    voice: str  # an espeak-ng language code, or ENGINE:VOICE for the other engines (flite:slt)
+    variant: str = ""  # an espeak-ng variant; "" is the voice's own timbre
 
     @property
     def name(self) -> str:
-        """The espeak-ng -v argument, e.g. en-gb-scotland+f2."""
+        """The espeak-ng -v argument, e.g. en-gb-scotland+f2, or the voice of another engine, e.g. flite:slt."""
         return f"{self.voice}+{self.variant}" if self.variant else self.voice
 
     @property
+    def engine(self) -> str:
+        return self.voice.split(":")[0] if ":" in self.voice else "espeak-ng"
+
+    @property
     def english(self) -> bool:
-        return self.voice.startswith("en")
+        return self.voice.startswith("en") or self.engine != "espeak-ng"
 
 
 @dataclass(frozen=True)
@@ -97,15 +114,20 @@ class Clip:
     offset: int  # one past its last sample
 
 
-def _espeak(*args: str) -> bytes:
+def _run(program: str, *args: str, stdin: bytes | None = None) -> bytes:
+    """A TTS or sox call's stdout; a missing program or a failure is a DataError naming it."""
     try:
-        done = subprocess.run(["espeak-ng", *args], capture_output=True, check=False)
+        done = subprocess.run([program, *args], input=stdin, capture_output=True, check=False)
     except FileNotFoundError:
-        raise DataError("espeak-ng is not installed (apt-get install espeak-ng)") from None
+        raise DataError(f"{program} is not installed (apt-get install {program})") from None
     if done.returncode != 0:
         reason = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
-        raise DataError(f"espeak-ng {' '.join(args)} failed: {reason}")
+        raise DataError(f"{program} {' '.join(args)} failed: {reason}")
     return done.stdout
+
+
+def _espeak(*args: str) -> bytes:
+    return _run("espeak-ng", *args)
 
 
 def espeak_voices() -> list[str]:
@@ -118,6 +140,30 @@ def espeak_variants() -> list[str]:
     """Ids of the installed variants (what follows `!v/` in `espeak-ng --voices=variant`), spaces excluded."""
     ids = (_VARIANT_FILE.search(line) for line in _espeak("--voices=variant").decode().splitlines()[1:])
     return [m[1] for m in ids if m and " " not in m[1]]
+
+
+def engine_speakers(engines: tuple[str, ...]) -> list[Speaker]:
+    """The flite and festival voices among `engines`; a DataError if an engine or one of its voices is missing."""
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise DataError(f"unknown TTS engine {sorted(unknown)[0]!r}; choose from {', '.join(ENGINES)}")
+    speakers = []
+    for engine in ENGINE_VOICES.keys() & set(engines):
+        installed = _installed_voices(engine)
+        missing = [v for v in ENGINE_VOICES[engine] if v not in installed]
+        if missing:
+            raise DataError(f"{engine} lacks the voice(s) {', '.join(missing)}; see ENGINE_VOICES for the packages")
+        speakers += [Speaker(f"{engine}:{voice}") for voice in ENGINE_VOICES[engine]]
+    return sorted(speakers)
+
+
+def _installed_voices(engine: str) -> set[str]:
+    """Voice names the engine lists: `flite -lv`, or festival's (voice.list)."""
+    if engine == "flite":
+        listing = _run("flite", "-lv")
+    else:
+        listing = _run("festival", "--pipe", stdin=b"(print (voice.list))")
+    return set(re.findall(r"\w+", listing.decode()))
 
 
 def split_speakers(
@@ -145,9 +191,12 @@ def split_speakers(
 
 
 def _speaker_weights(pool: list[Speaker]) -> np.ndarray:
-    """English voices speak ENGLISH_SHARE of a split's clips, however many accents the split has."""
-    english = np.array([s.english for s in pool])
-    weights = np.where(english, ENGLISH_SHARE / max(1, english.sum()), (1 - ENGLISH_SHARE) / max(1, (~english).sum()))
+    """Other engines' voices speak ENGINE_SHARE of a split's clips when it has any; of espeak-ng's clips, English
+    voices speak ENGLISH_SHARE, however many accents the split has. Within each group every speaker is equal."""
+    groups = np.array([0 if s.engine != "espeak-ng" else 1 if s.english else 2 for s in pool])
+    espeak_share = 1 - ENGINE_SHARE if (groups == 0).any() else 1.0
+    shares = (ENGINE_SHARE, espeak_share * ENGLISH_SHARE, espeak_share * (1 - ENGLISH_SHARE))
+    weights = np.array([shares[g] / (groups == g).sum() for g in groups])
     return weights / weights.sum()
 
 
@@ -194,9 +243,24 @@ def trim_silence(wave: np.ndarray, frame: int = SAMPLE_RATE // 200) -> np.ndarra
 
 
 def speak(word: str, speaker: Speaker, pitch: int, speed: int, amplitude: int) -> np.ndarray:
-    """The word from espeak-ng at 16 kHz, float32, silence trimmed."""
-    args = ("-v", speaker.name, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude), "--stdout", word)
-    return trim_silence(load_audio(_espeak(*args), SAMPLE_RATE))
+    """The word from the speaker's engine at 16 kHz, float32, silence trimmed. espeak-ng takes pitch, speed (words
+    per minute) and amplitude (percent) itself; the other engines speak at their own pace and sox applies the
+    three as tempo, pitch shift and gain, the same way for every voice (festival's HTS voice ignores
+    Duration_Stretch)."""
+    if speaker.engine == "espeak-ng":
+        args = ("-v", speaker.name, "-p", str(pitch), "-s", str(speed), "-a", str(amplitude), "--stdout", word)
+        return trim_silence(load_audio(_espeak(*args), SAMPLE_RATE))
+    voice = speaker.voice.split(":", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        spoken, shifted = str(Path(tmp) / "spoken.wav"), str(Path(tmp) / "shifted.wav")  # sox needs a seekable file
+        if speaker.engine == "flite":
+            _run("flite", "-voice", voice, "-t", word, "-o", spoken)
+        else:
+            _run("text2wave", "-eval", f"(voice_{voice})", "-o", spoken, stdin=word.encode())
+        tempo, cents = speed / WORDS_PER_MINUTE, (pitch - 50) * CENTS_PER_PITCH_STEP
+        # -G: never clip; -D: no dither, so the same plan gives the same bytes
+        _run("sox", "-G", "-D", spoken, shifted, "tempo", "-s", f"{tempo:.4f}", "pitch", str(cents))
+        return trim_silence(load_audio(shifted, SAMPLE_RATE)) * np.float32(amplitude / 100)  # render() keeps the peak
 
 
 def colored_noise(n: int, slope: float, rng: np.random.Generator) -> np.ndarray:
@@ -218,7 +282,7 @@ def render(utt: Utterance) -> Clip:
         speech = speak(utt.word, utt.speaker, utt.pitch, speed, utt.amplitude)
     speech = speech[:CLIP_SAMPLES].astype(np.float64)
     if speech.size == 0:
-        raise DataError(f"espeak-ng gave silence for {utt.word!r} with voice {utt.speaker.name}")
+        raise DataError(f"{utt.speaker.engine} gave silence for {utt.word!r} with voice {utt.speaker.name}")
     onset = int(utt.position * (CLIP_SAMPLES - len(speech)))
     noise = colored_noise(CLIP_SAMPLES, NOISE_SLOPES[utt.noise], np.random.default_rng(utt.noise_seed))
     wave = noise * math.sqrt(np.mean(speech**2) / 10 ** (utt.snr_db / 10))
@@ -254,10 +318,12 @@ def generate(
     workers: int = 1,
     val_speakers: int = 6,
     test_speakers: int = 6,
+    engines: tuple[str, ...] = ("espeak-ng",),
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write the data set to `out` (an empty or new folder); returns clips, speakers, voices and variants
-    per split. `progress(done, total)` is called after each clip."""
+    per split. `engines` must include espeak-ng (it speaks val and test); flite and festival add training
+    voices. `progress(done, total)` is called after each clip."""
     if per_word < 3:
         raise DataError(f"per-word must be at least 3 (one clip for each split), got {per_word}")
     if min(val_speakers, test_speakers) < 1:
@@ -266,8 +332,11 @@ def generate(
         raise DataError(f"workers must be at least 1, got {workers}")
     if seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed}")
+    if "espeak-ng" not in engines:
+        raise DataError("engines must include espeak-ng: its voices speak the val and test splits")
     out = Path(out)
     speakers = split_speakers(espeak_voices(), espeak_variants(), seed, val_speakers, test_speakers)
+    speakers["train"] = sorted(speakers["train"] + engine_speakers(engines))
     utterances = plan(seed, per_word, speakers)
     _prepare_out(out)
     for folder in sorted({(out / u.path).parent for u in utterances}):
@@ -292,10 +361,10 @@ def generate(
         write_manifest(out / f"{split}.json", [Example(out / u.path, (u.mid,)) for u in mine])
         used = Counter(u.speaker.name for u in mine)
         voices = sorted({s.voice for s in speakers[split]})
-        variants = sorted({s.variant for s in speakers[split]})
+        variants = sorted({s.variant for s in speakers[split] if s.engine == "espeak-ng"})
         splits[split] = {"voices": voices, "variants": variants, "speakers": dict(sorted(used.items()))}
         summary[split] = {"clips": len(mine), "speakers": len(used), "voices": len(voices), "variants": len(variants)}
     clips = {u.path: u.speaker.name for u in utterances}
-    record = {"seed": seed, "per_word": per_word, "splits": splits, "clips": clips}
+    record = {"seed": seed, "per_word": per_word, "engines": sorted(engines), "splits": splits, "clips": clips}
     (out / "speakers.json").write_text(json.dumps(record, indent=1) + "\n")
     return summary
