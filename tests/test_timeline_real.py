@@ -28,7 +28,7 @@ WORDS = [
     ("left_283d7a53_nohash_1.flac", "left", 4.9),
     ("on_18f8afd5_nohash_3.flac", "on", 8.6),
     ("down_2796ac50_nohash_0.flac", "down", 12.2),
-    ("right_7192fddc_nohash_1.flac", "right", 15.7),
+    ("right_2fa39636_nohash_0.flac", "right", 15.7),
 ]
 NOISE = ["silence_1477.flac", "silence_1561.flac"]
 NOISE_RMS = 0.004  # about 14-26 dB below the words' RMS over their 1 s clips
