@@ -27,7 +27,7 @@ WORDS = [
     ("yes_0fa1e7a9_nohash_0.flac", "yes", 1.3),
     ("left_283d7a53_nohash_1.flac", "left", 4.9),
     ("on_18f8afd5_nohash_3.flac", "on", 8.6),
-    ("down_2796ac50_nohash_0.flac", "down", 12.2),
+    ("down_80c45ed6_nohash_0.flac", "down", 12.2),
     ("right_2fa39636_nohash_0.flac", "right", 15.7),
 ]
 NOISE = ["silence_1477.flac", "silence_1561.flac"]
