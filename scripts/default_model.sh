@@ -12,7 +12,7 @@
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10 6 10"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10 6 10 10"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +34,7 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10}"  # epochs of each real fine-tuning stage
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10}"  # epochs of each real fine-tuning stage
 TOME_EPOCHS=${TOME_EPOCHS:-2}
 R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
@@ -127,9 +127,9 @@ fi
 # 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
 #    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
 #    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1.
-#    Stages 1-2 mix in espeak-ng's speech, stages 3-4 the three engines' (that is how the shipped model was made:
+#    Stages 1-2 mix in espeak-ng's speech, stages 3-5 the three engines' (that is how the shipped model was made:
 #    the third stage with flite's and festival's voices gained 3.4 points on the real test speakers and 7.4 on
-#    FSDD's against the same stage without them, the fourth 6.2 more; docs/BENCHMARKS.md). All the validation data picks the stage:
+#    FSDD's against the same stage without them, the fourth and fifth more; docs/BENCHMARKS.md). All the validation data picks the stage:
 #    the real validation speakers and FSDD's validation speaker, pooled (the 280 real clips alone cannot separate
 #    stages a few points apart). Then "Train+Inf": the last stage's data with r = R_TRAIN merged in every block,
 #    continuing from the chosen stage at a lower rate.
