@@ -15,7 +15,7 @@ import pytest
 from fastast.cli import main
 from serverutil import metric, scrape, start_server, wav_bytes
 from tests.conftest import tone
-from tests.test_timeline_real import DEFAULT, WORDS, compose
+from tests.test_timeline_real import DEFAULT, TOP_K, WORDS, compose
 
 WAV = {"Content-Type": "audio/wav"}
 LONG_S = 590  # under the default --max-audio-s of 600
@@ -33,7 +33,7 @@ def tiny_server(tiny_model_dir):
 
 def test_served_timeline_and_clip_answer_equal_predicts(tmp_path, capsys):
     path = compose(tmp_path / "words-on-noise.wav")
-    k = len(WORDS) + 2
+    k = TOP_K
     assert main(["predict", "--model", str(DEFAULT), "--timeline", "--json", "--top-k", str(k), str(path)]) == 0
     [offline] = json.loads(capsys.readouterr().out)["results"]
     with start_server(DEFAULT) as server:

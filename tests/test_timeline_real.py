@@ -32,6 +32,10 @@ WORDS = [
 ]
 NOISE = ["silence_1477.flac", "silence_1561.flac"]
 NOISE_RMS = 0.004  # about 14-26 dB below the words' RMS over their 1 s clips
+# The file's top labels to ask for: the words, and three more, because the model has no silence class: on the
+# noise between the words it spreads its answers over a few labels, and up to three of them can outrank a word
+# heard in only 2 of the 30 windows.
+TOP_K = len(WORDS) + 3
 
 
 def read(name: str) -> np.ndarray:
@@ -53,9 +57,7 @@ def compose(path: Path) -> Path:
 
 def test_timeline_finds_each_word_where_it_was_placed(tmp_path, capsys):
     path = compose(tmp_path / "words-on-noise.wav")
-    # The model has no silence class: on the 20 s of noise between the words it spreads its answers over a few
-    # labels, and up to three of them can outrank a word heard in only 2 of the 30 windows.
-    k = len(WORDS) + 3
+    k = TOP_K
     argv = ["predict", "--model", str(DEFAULT), "--timeline", "--json", "--top-k", str(k), str(path)]
     assert main(argv) == 0
     [result] = json.loads(capsys.readouterr().out)["results"]
