@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ready = dict(spec.split("=", 1) for spec in args.ready)
     running: dict[str, tuple[subprocess.Popen, str]] = {}
     cases = [(name, seconds) for name in servers for seconds in clips]
+    uploads = {seconds: upload(path.read_bytes(), args.multipart) for seconds, path in clips.items()}
     runs: list[dict] = []
     try:
         for name, command in servers.items():
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             shift = round_index % len(cases)
             for name, seconds in cases[shift:] + cases[:shift]:
                 process, url = running[name]
-                body, content_type = upload(clips[seconds].read_bytes(), args.multipart)
+                body, content_type = uploads[seconds]
                 report = run_load(
                     f"{url}/classify?r={args.r}", body, content_type=content_type, processes=args.processes,
                     connections=args.connections, duration=args.duration, warmup=args.warmup, server_pid=process.pid,

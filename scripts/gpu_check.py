@@ -56,22 +56,21 @@ def run_json(command: list[str], timeout: float) -> dict:
 # ---- 1. model throughput ------------------------------------------------------------------------------------------
 
 
-def bench_base() -> dict:
-    r = ",".join(map(str, BASE_R))
-    command = fastast(
+def base_bench(r_values: tuple[int, ...], *extra: str) -> list[str]:
+    """`fastast bench` on a random AST-base at 1024 frames in bf16 on CUDA, at r_values, plus `extra` options."""
+    return fastast(
         "bench", "--arch", "base", "--target-length", "1024", "--dtype", "bf16", "--device", "cuda",
-        "--batch-size", str(BENCH_BATCH), "--r", r, "--vs-hf", "--warmup", "3", "--runs", "10", "--json",
+        "--batch-size", str(BENCH_BATCH), "--r", ",".join(map(str, r_values)), "--warmup", "3", "--runs", "10",
+        "--json", *extra,
     )  # fmt: skip
-    return run_json(command, timeout=240)
+
+
+def bench_base() -> dict:
+    return run_json(base_bench(BASE_R, "--vs-hf"), timeout=240)
 
 
 def bench_compiled() -> dict:
-    command = fastast(
-        "bench", "--arch", "base", "--target-length", "1024", "--dtype", "bf16", "--device", "cuda",
-        "--batch-size", str(BENCH_BATCH), "--r", ",".join(map(str, SERVED_BASE_R)), "--backend", "torch,torch-compile",
-        "--warmup", "3", "--runs", "10", "--json",
-    )  # fmt: skip
-    return run_json(command, timeout=420)
+    return run_json(base_bench(SERVED_BASE_R, "--backend", "torch,torch-compile"), timeout=420)
 
 
 # ---- 2. fbank on the device ---------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ LABELS = bundled_labels("speechcommands")
 PER_WORD = 3
 
 
-def _generate(out: Path, seed: int, workers: int = 2) -> Path:
-    argv = ["synth-commands", "--out", str(out), "--per-word", str(PER_WORD), "--seed", str(seed)]
+def _generate(out: Path, seed: int, workers: int = 2, per_word: int = PER_WORD, *extra: str) -> Path:
+    argv = ["synth-commands", "--out", str(out), "--per-word", str(per_word), "--seed", str(seed), *extra]
     assert main([*argv, "--workers", str(workers), "--val-speakers", "2", "--test-speakers", "2"]) == 0
     return out
 
@@ -169,9 +169,7 @@ ENGINES = "espeak-ng,flite,festival"
 
 
 def test_flite_and_festival_voices_speak_a_share_of_train_only(tmp_path):
-    out = tmp_path / "engines"
-    argv = ["synth-commands", "--out", str(out), "--per-word", "5", "--seed", "0", "--engines", ENGINES]
-    assert main([*argv, "--val-speakers", "2", "--test-speakers", "2"]) == 0
+    out = _generate(tmp_path / "engines", 0, 2, 5, "--engines", ENGINES)
     record = json.loads((out / "speakers.json").read_text())
     assert record["engines"] == sorted(ENGINES.split(","))
     by_split = {split: [s for p, s in record["clips"].items() if p.startswith(f"{split}/")] for split in synth.SPLITS}
