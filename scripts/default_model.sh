@@ -5,14 +5,15 @@
 # with augmentation that makes synthetic speech sound recorded (real background noise, speed, room reverb, gain,
 # SpecAugment) and label-balanced sampling; a ToMe-trained sibling ("Train+Inf") continues from it with
 # r = R_TRAIN. Both r tables are measured on the real test speakers.
-# About 3 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
+# About 4.5 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
 # a CMKD student as a candidate pretrained base (another hour and a half).
 #
 #   scripts/default_model.sh                  # data, synthetic stages, real fine-tune, Train+Inf, evaluation
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS (e.g. "10 10 6 10 10"), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS and REAL_LRS (one number per real stage each), TOME_EPOCHS,
+# TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,14 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10}"  # epochs of each real fine-tuning stage
+# Each real fine-tuning stage's epochs and peak learning rate (the last stages settle at a lower rate).
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10}"
+read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4}"
+if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ]; then
+    echo "default_model.sh: REAL_EPOCHS and REAL_LRS need one number per real stage (got '${REAL_EPOCHS[*]}'" \
+        "and '${REAL_LRS[*]}')" >&2
+    exit 2
+fi
 TOME_EPOCHS=${TOME_EPOCHS:-2}
 R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
@@ -127,12 +135,12 @@ fi
 # 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
 #    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
 #    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1.
-#    Stages 1-2 mix in espeak-ng's speech, stages 3-5 the three engines' (that is how the shipped model was made:
-#    the third stage with flite's and festival's voices gained 3.4 points on the real test speakers and 7.4 on
-#    FSDD's against the same stage without them, the fourth and fifth more; docs/BENCHMARKS.md). All the validation data picks the stage:
-#    the real validation speakers and FSDD's validation speaker, pooled (the 280 real clips alone cannot separate
-#    stages a few points apart). Then "Train+Inf": the last stage's data with r = R_TRAIN merged in every block,
-#    continuing from the chosen stage at a lower rate.
+#    Stages 1-2 mix in espeak-ng's speech, the later ones the three engines' (that is how the shipped model was
+#    made: the third stage with flite's and festival's voices gained 3.4 points on the real test speakers and 7.4
+#    on FSDD's against the same stage without them, the later stages more; docs/BENCHMARKS.md). All the
+#    validation data picks the stage: the real validation speakers and FSDD's validation speaker, pooled (the 280
+#    real clips alone cannot separate stages a few points apart). Then "Train+Inf": the last stage's data with
+#    r = R_TRAIN merged in every block, continuing from the chosen stage at a lower rate.
 REAL_REST=(--val "$REAL_DATA/sc/val.json" --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
            --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
 mixed_train() {  # mixed_train K: the --train manifests of real stage K (1-based)
@@ -145,8 +153,9 @@ start=$BEST
 for ((k = 1; k <= ${#REAL_EPOCHS[@]}; k++)); do
     REAL_STAGES+=("$WORK/real_stage$k")
     # shellcheck disable=SC2046  # mixed_train prints separate words on purpose
-    "$FASTAST" train $(mixed_train "$k") "${REAL_REST[@]}" "${STUDENT[@]}" --init "$start" --lr 3e-4 \
-        --warmup-steps 100 --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default --out "$WORK/real_stage$k"
+    "$FASTAST" train $(mixed_train "$k") "${REAL_REST[@]}" "${STUDENT[@]}" --init "$start" \
+        --lr "${REAL_LRS[k-1]}" --warmup-steps 100 --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default \
+        --out "$WORK/real_stage$k"
     start="$WORK/real_stage$k"
 done
 REAL_BEST=$(best_on_val "$REAL_DATA/sc/val.json,$REAL_DATA/fsdd/val.json" "${REAL_STAGES[@]}")

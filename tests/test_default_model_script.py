@@ -7,10 +7,12 @@ per model by the test (or per model and data folder, e.g. {"real_stage2": {"sc":
 clips for the real Speech Commands validation speakers and 500 for any other manifest.
 """
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from recipeutil import args_of, run_recipe
+from recipeutil import REPO, args_of, run_recipe
 
 ANSWER = r"""[ "$1" = synth-commands ] && touch "$out/test.json"
 if [ "$json" = 1 ]; then
@@ -64,16 +66,16 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
-    stages = [trains[f"{work}/real_stage{k}"] for k in (1, 2, 3, 4, 5)]
+    stages = [trains[f"{work}/real_stage{k}"] for k in range(1, len(REAL_EPOCHS) + 1)]
     tome = trains[f"{work}/real_tome"]
     assert calls.index(prepares[-1]) < calls.index(stages[0]) < calls.index(stages[-1]) < calls.index(tome)
-    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in (1, 2, 3, 4))]
+    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in range(1, len(stages)))]
     assert [args_of(c, "--init") for c in stages] == starts
-    assert [args_of(c, "--seed") for c in stages] == ["0", "1", "2", "3", "4"]
-    assert [args_of(c, "--epochs") for c in stages] == ["10", "10", "6", "10", "10"]
+    assert [args_of(c, "--seed") for c in stages] == [str(k) for k in range(len(stages))]
+    assert [(args_of(c, "--epochs"), args_of(c, "--lr")) for c in stages] == list(zip(REAL_EPOCHS, REAL_LRS))
     assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
-    synthetic = ["data", "data", "data-tts", "data-tts", "data-tts", "data-tts"]
+    synthetic = ["data", "data", *["data-tts"] * (len(stages) - 1)]  # the stages, then Train+Inf
     for call, folder in zip((*stages, tome), synthetic, strict=True):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/{folder}/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
@@ -83,7 +85,7 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert all(args_of(c, "--data").endswith("val.json") for c in choices)  # never picks on test
     for val in ("sc", "fsdd"):
         assert {args_of(c, "--model") for c in choices if args_of(c, "--data") == f"{real}/{val}/val.json"} == {
-            f"{work}/real_stage{k}" for k in (1, 2, 3, 4, 5)}
+            f"{work}/real_stage{k}" for k in range(1, len(stages) + 1)}
     assert (out / "model.safetensors").read_text().strip() == shipped
     sweeps = [c for c in calls if c.startswith("evaluate") and "--write-card" in c and "--r 0,2" in c]
     assert [args_of(c, "--variant") for c in sweeps] == ["Inf", "Train+Inf"]
@@ -91,7 +93,11 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert args_of(sweeps[1], "--model") == f"{work}/real_tome" and args_of(sweeps[1], "--card") == str(out)
 
 
-REAL_STAGES = {"real_stage1": 0.60, "real_stage2": 0.70, "real_stage3": 0.66, "real_stage4": 0.64, "real_stage5": 0.62}
+# The shipped model's real stages: epochs and peak learning rates.
+REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10"]
+REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 2
+REAL_STAGES = {f"real_stage{k}": 0.60 for k in range(1, len(REAL_EPOCHS) + 1)}
+REAL_STAGES |= {"real_stage2": 0.70, "real_stage3": 0.66}
 
 
 def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path):
@@ -125,3 +131,12 @@ def test_the_stage_that_ships_is_the_best_on_all_validation_clips_pooled(tmp_pat
     accuracy = {**REAL_STAGES, "real_stage2": {"sc": 0.7, "fsdd": 0.694}, "real_stage3": {"sc": 0.693, "fsdd": 0.754}}
     calls, out = run_script(tmp_path, accuracy, with_teacher=False)
     check_real_fine_tune(calls, tmp_path, "student", out, shipped="real_stage3")
+
+
+def test_one_learning_rate_per_real_stage_or_a_one_line_error(tmp_path):
+    env = {**os.environ, "REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4", "FASTAST": str(tmp_path / "never-called")}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "default_model.sh")], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("default_model.sh: REAL_EPOCHS and REAL_LRS need one number per real stage "
+                                     "(got '10 10' and '3e-4')")

@@ -1,7 +1,8 @@
 """Issue 14's timeline test: real Speech Commands words at known times on real background noise, 20 s long.
 
-`fastast predict --timeline` with the shipped default model must find each word in a window within one hop of
-where it was placed, name no word far from where it was placed, and list every word among the file's top labels.
+`fastast predict --timeline` with the shipped default model must name each word confidently in a window within one
+hop of where it was placed, name no word confidently far from where it was placed, and list every word among the
+file's top labels.
 The clips live in tests/data/real/speech_commands (see its README for the source and licence).
 """
 
@@ -36,6 +37,10 @@ NOISE_RMS = 0.004  # about 14-26 dB below the words' RMS over their 1 s clips
 # noise between the words it spreads its answers over a few labels, and up to three of them can outrank a word
 # heard in only 2 of the 30 windows.
 TOP_K = len(WORDS) + 3
+# A window's top label counts as a detection from this score on. On noise alone the model still has to answer one
+# of its 35 words (it has no silence class) and spreads its score: 0.19-0.35 for its top label on the noise
+# windows of this file, 0.99-1.00 on the windows with the words.
+CONFIDENT = 0.5
 
 
 def read(name: str) -> np.ndarray:
@@ -67,11 +72,12 @@ def test_timeline_finds_each_word_where_it_was_placed(tmp_path, capsys):
     assert hop == pytest.approx(0.6475, abs=1e-3)
     assert timeline[-1]["end_s"] == SECONDS  # the last window is clipped to the audio
     placed = {word: start + 0.5 for _, word, start in WORDS}  # the centre of each 1 s clip
-    for entry in timeline:
+    detections = [entry for entry in timeline if entry["labels"][0]["score"] >= CONFIDENT]
+    for entry in detections:
         top = entry["labels"][0]["label"]
         centre = (entry["start_s"] + entry["end_s"]) / 2
         if top in placed:  # a word is only named within one hop of where it is
             assert abs(centre - placed[top]) <= hop, (top, entry)
     for word in placed:
-        assert any(entry["labels"][0]["label"] == word for entry in timeline), word
+        assert any(entry["labels"][0]["label"] == word for entry in detections), word
     assert set(placed) <= {entry["label"] for entry in result["top"]}
