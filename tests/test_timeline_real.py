@@ -62,8 +62,7 @@ def compose(path: Path) -> Path:
 
 def test_timeline_finds_each_word_where_it_was_placed(tmp_path, capsys):
     path = compose(tmp_path / "words-on-noise.wav")
-    k = TOP_K
-    argv = ["predict", "--model", str(DEFAULT), "--timeline", "--json", "--top-k", str(k), str(path)]
+    argv = ["predict", "--model", str(DEFAULT), "--timeline", "--json", "--top-k", str(TOP_K), str(path)]
     assert main(argv) == 0
     [result] = json.loads(capsys.readouterr().out)["results"]
     timeline = result["timeline"]
