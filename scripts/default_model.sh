@@ -12,8 +12,8 @@
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS and REAL_LRS (one number per real stage each), TOME_EPOCHS,
-# TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES (one number per real stage each),
+# TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,12 +35,15 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-# Each real fine-tuning stage's epochs and peak learning rate (the last stages settle at a lower rate).
+# Each real fine-tuning stage's epochs, peak learning rate (the last stages settle at a lower rate) and patch stride
+# along frequency (8 would mean overlapping patches: twice the tokens and the compute, position embeddings
+# interpolated to the new grid; tried as a ninth stage, it did not pay for its cost: docs/BENCHMARKS.md).
 read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10}"
 read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4}"
-if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ]; then
-    echo "default_model.sh: REAL_EPOCHS and REAL_LRS need one number per real stage (got '${REAL_EPOCHS[*]}'" \
-        "and '${REAL_LRS[*]}')" >&2
+read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16}"
+if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "${#REAL_FSTRIDES[@]}" ]; then
+    echo "default_model.sh: REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES need one number per real stage (got" \
+        "'${REAL_EPOCHS[*]}', '${REAL_LRS[*]}' and '${REAL_FSTRIDES[*]}')" >&2
     exit 2
 fi
 TOME_EPOCHS=${TOME_EPOCHS:-2}
@@ -48,9 +51,11 @@ R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
 THREADS=${THREADS:-1}               # one model thread is several times faster than two on busy shared cores
 
-# The student: a 128-wide, 6-block AST with 16x16 patches at stride 16 (8 x 8 = 64 patches + 2 special
-# tokens), 1 s of audio = 128 frames, Speech Commands normalisation. Sized for 2 shared CPU cores.
-STUDENT=(--arch tiny --dim 128 --depth 6 --heads 2 --fstride 16 --tstride 16 --target-length 128
+# The student: a 128-wide, 6-block AST with 16x16 patches, 1 s of audio = 128 frames, Speech Commands
+# normalisation. Sized for 2 shared CPU cores. Its first stage sets the patch strides (16: 8 x 8 = 64 patches + 2
+# special tokens); every later run keeps its --init model's unless it sets its own.
+FIRST_STRIDES=(--fstride 16 --tstride 16)
+STUDENT=(--arch tiny --dim 128 --depth 6 --heads 2 --target-length 128
          --mean -6.845978 --std 5.5654526 --batch-size 32 --weight-decay 0.05
          --freqm 16 --timem 16 --shift 10 --device "$DEVICE" --workers "$WORKERS" --threads "$THREADS")
 SPLITS=(--train "$DATA/train.json" --val "$DATA/val.json" --labels "$DATA/labels.csv")
@@ -74,7 +79,7 @@ fi
 stage_args() {  # stage_args K OUT: the train arguments of stage K (1-based) of the student saved under OUT
     local k=$1 out=$2
     echo --lr "${LRS[k-1]}" --epochs "${STAGE_EPOCHS[k-1]}" --seed $((k - 1))
-    if [ "$k" -gt 1 ]; then echo --warmup-steps 100 --init "${out}_stage$((k - 1))"; fi
+    if [ "$k" -gt 1 ]; then echo --warmup-steps 100 --init "${out}_stage$((k - 1))"; else echo "${FIRST_STRIDES[@]}"; fi
 }
 student() {
     local name=$1 out=$2 k dest
@@ -154,8 +159,8 @@ for ((k = 1; k <= ${#REAL_EPOCHS[@]}; k++)); do
     REAL_STAGES+=("$WORK/real_stage$k")
     # shellcheck disable=SC2046  # mixed_train prints separate words on purpose
     "$FASTAST" train $(mixed_train "$k") "${REAL_REST[@]}" "${STUDENT[@]}" --init "$start" \
-        --lr "${REAL_LRS[k-1]}" --warmup-steps 100 --epochs "${REAL_EPOCHS[k-1]}" --seed $((k - 1)) --name default \
-        --out "$WORK/real_stage$k"
+        --lr "${REAL_LRS[k-1]}" --fstride "${REAL_FSTRIDES[k-1]}" --warmup-steps 100 --epochs "${REAL_EPOCHS[k-1]}" \
+        --seed $((k - 1)) --name default --out "$WORK/real_stage$k"
     start="$WORK/real_stage$k"
 done
 REAL_BEST=$(best_on_val "$REAL_DATA/sc/val.json,$REAL_DATA/fsdd/val.json" "${REAL_STAGES[@]}")

@@ -31,9 +31,10 @@ fi
 """
 
 
-def run_script(tmp_path: Path, accuracy: dict[str, float], with_teacher: bool) -> tuple[list[str], Path]:
+def run_script(tmp_path: Path, accuracy: dict[str, float], with_teacher: bool, **knobs: str) -> tuple[list[str], Path]:
     out = tmp_path / "out"
     env = {
+        **knobs,
         "DATA": str(tmp_path / "data"),
         "TTS_DATA": str(tmp_path / "data-tts"),
         "REAL": str(tmp_path / "shared"),
@@ -51,6 +52,9 @@ def plain_stages(calls: list[str], work: Path) -> list[str]:
     stages = [c for c in calls if c.startswith("train") and args_of(c, "--out").startswith(f"{work}/student")]
     assert len(stages) == 5
     assert "--init" not in stages[0]
+    # Stage 1 sets the patch strides; every later stage keeps its init model's.
+    assert (args_of(stages[0], "--fstride"), args_of(stages[0], "--tstride")) == ("16", "16")
+    assert not any("stride" in c for c in stages[1:])
     for k, call in enumerate(stages[1:], start=2):
         assert args_of(call, "--init") == f"{work}/student_stage{k - 1}"
         assert args_of(call, "--seed") == str(k - 1)
@@ -73,8 +77,10 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert [args_of(c, "--init") for c in stages] == starts
     assert [args_of(c, "--seed") for c in stages] == [str(k) for k in range(len(stages))]
     assert [(args_of(c, "--epochs"), args_of(c, "--lr")) for c in stages] == list(zip(REAL_EPOCHS, REAL_LRS))
+    assert [args_of(c, "--fstride") for c in stages] == REAL_FSTRIDES and not any("--tstride" in c for c in stages)
     assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
+    assert "stride" not in tome  # Train+Inf keeps the patch grid of the model it continues from
     synthetic = ["data", "data", *["data-tts"] * (len(stages) - 1)]  # the stages, then Train+Inf
     for call, folder in zip((*stages, tome), synthetic, strict=True):
         manifests = call.split("--train ")[1].split(" --")[0].split()
@@ -93,9 +99,10 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert args_of(sweeps[1], "--model") == f"{work}/real_tome" and args_of(sweeps[1], "--card") == str(out)
 
 
-# The shipped model's real stages: epochs and peak learning rates.
+# The shipped model's real stages: epochs, peak learning rates and patch strides along frequency.
 REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10"]
 REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 2
+REAL_FSTRIDES = ["16"] * 8
 REAL_STAGES = {f"real_stage{k}": 0.60 for k in range(1, len(REAL_EPOCHS) + 1)}
 REAL_STAGES |= {"real_stage2": 0.70, "real_stage3": 0.66}
 
@@ -133,10 +140,23 @@ def test_the_stage_that_ships_is_the_best_on_all_validation_clips_pooled(tmp_pat
     check_real_fine_tune(calls, tmp_path, "student", out, shipped="real_stage3")
 
 
-def test_one_learning_rate_per_real_stage_or_a_one_line_error(tmp_path):
-    env = {**os.environ, "REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4", "FASTAST": str(tmp_path / "never-called")}
+def test_a_real_stage_can_move_to_overlapping_patches_and_train_inf_keeps_them(tmp_path):
+    knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8"}
+    calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2": 0.7}, with_teacher=False, **knobs)
+    trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
+    work = tmp_path / "work"
+    assert [args_of(trains[f"{work}/real_stage{k}"], "--fstride") for k in (1, 2)] == ["16", "8"]
+    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/real_stage2"
+    assert "stride" not in trains[f"{work}/real_tome"]
+    assert (out / "model.safetensors").read_text().strip() == "real_stage2"
+
+
+@pytest.mark.parametrize("lrs, fstrides", [("3e-4", "16 8"), ("3e-4 1e-4", "8")])
+def test_one_learning_rate_and_stride_per_real_stage_or_a_one_line_error(tmp_path, lrs, fstrides):
+    env = {**os.environ, "REAL_EPOCHS": "10 10", "REAL_LRS": lrs, "REAL_FSTRIDES": fstrides,
+           "FASTAST": str(tmp_path / "never-called")}
     result = subprocess.run(["bash", str(REPO / "scripts" / "default_model.sh")], env=env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("default_model.sh: REAL_EPOCHS and REAL_LRS need one number per real stage "
-                                     "(got '10 10' and '3e-4')")
+    assert result.stderr.strip() == ("default_model.sh: REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES need one number per "
+                                     f"real stage (got '10 10', '{lrs}' and '{fstrides}')")

@@ -221,17 +221,39 @@ def test_a_corrupt_file_in_the_manifest_is_skipped_and_reported(tones, tmp_path,
     assert _log(tmp_path / "m")[0]["skipped"] == 1
 
 
+def _without_strides(args: list[str]) -> list[str]:
+    for flag in ("--fstride", "--tstride"):
+        at = args.index(flag)
+        args = args[:at] + args[at + 2:]
+    return args
+
+
 def test_fine_tune_from_init_resizes_pos_embed_and_replaces_head(tones, tmp_path):
     init = make_model_dir(tmp_path / "init", dim=32, depth=2, heads=2, target_length=128, fstride=16, tstride=16)
     out = tmp_path / "ft"
-    args = _args(tones, out, "--epochs", "1", "--init", str(init), "--mean", "-6", "--std", "5")
+    args = _without_strides(_args(tones, out, "--epochs", "1", "--init", str(init), "--mean", "-6", "--std", "5"))
     assert main(["train", *args]) == 0
     card = load_model(out).card
     assert card.provenance["pos_embed"] == "(8, 8) -> (8, 4)" and "replaced" in card.provenance["head"]
-    # The architecture is the init model's (stride 16), so the card records no other strides (the CLI's default is 10).
+    # Without --fstride/--tstride the strides are the init model's (16, not the CLI's 10), and the card records
+    # none of the options the init model supplied.
     assert (card.arch["fstride"], card.arch["tstride"]) == (16, 16)
     assert "--fstride" not in card.provenance["command"] and "--tstride" not in card.provenance["command"]
     assert not {"dim", "depth", "heads", "fstride", "tstride"} & set(card.provenance["training"])
+
+
+def test_fine_tune_from_init_on_a_finer_patch_grid(tones, tmp_path):
+    """AST's fine-tuning choice: the init model's weights on overlapping patches (a new stride), position
+    embeddings interpolated to the new grid; the width stays the init model's whatever --dim says."""
+    init = make_model_dir(tmp_path / "init", dim=32, depth=2, heads=2, target_length=64, fstride=16, tstride=16)
+    out = tmp_path / "ft"
+    args = _without_strides(_args(tones, out, "--epochs", "1", "--init", str(init), "--mean", "-6", "--std", "5"))
+    assert main(["train", *args, "--tstride", "8", "--dim", "64"]) == 0
+    model = load_model(out)
+    assert model.net.config.grid == (8, 7) and model.card.provenance["pos_embed"] == "(8, 4) -> (8, 7)"
+    assert (model.card.arch["fstride"], model.card.arch["tstride"], model.card.arch["dim"]) == (16, 8, 32)
+    assert "--tstride 8" in model.card.provenance["command"] and "--fstride" not in model.card.provenance["command"]
+    assert model.card.provenance["training"]["tstride"] == 8 and "fstride" not in model.card.provenance["training"]
 
 
 def test_resize_pos_embed_cut_and_interpolate():

@@ -26,8 +26,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dim", type=int, default=None, help="custom AST width (overrides the preset)")
     model.add_argument("--depth", type=int, default=None, help="custom AST depth")
     model.add_argument("--heads", type=int, default=None, help="custom AST attention heads")
-    model.add_argument("--fstride", type=int, default=10)
-    model.add_argument("--tstride", type=int, default=10)
+    model.add_argument("--fstride", type=int, default=None,
+                       help="patch stride along frequency (default 10, or the --init model's; another resizes its "
+                       "position embeddings)")
+    model.add_argument("--tstride", type=int, default=None, help="patch stride along time (the same)")
     model.add_argument("--target-length", type=int, default=1024, help="input frames (SC 128, ESC-50 512, AudioSet 1024)")
     model.add_argument("--init", type=Path, default=None, help="start from this model_store model (fine-tune)")
     model.add_argument("--mean", type=float, default=None, help="normalisation mean (default: measured on --train)")
@@ -87,9 +89,9 @@ def config_from_args(args: argparse.Namespace, **extra):
 def _as_options(args: argparse.Namespace) -> list[str]:
     """The parsed options as an explicit command line (for the card's provenance), without the architecture options
     an --init model overrides."""
-    from fastast.training.init import INIT_ARCH_OPTIONS
+    from fastast.training.init import init_supplied
 
-    unused = INIT_ARCH_OPTIONS if getattr(args, "init", None) else ()
+    unused = init_supplied(args)
     words = []
     for key, value in sorted(vars(args).items()):
         if key in ("command", "func", *unused) or value is None or value is False:

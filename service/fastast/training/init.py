@@ -17,8 +17,10 @@ from fastast.model.ast import AST
 from fastast.model.card import Label
 from fastast.model.store import load_model, load_state_dict_checked
 
-# The training options an --init model's own architecture overrides: recorded in a card only when they were used.
-INIT_ARCH_OPTIONS = ("dim", "depth", "heads", "fstride", "tstride")
+# The training options an --init model's own architecture supplies: its width, depth and heads always, its patch
+# strides unless the command gives others (AST's fine-tuning choice; the position embeddings follow the new grid).
+INIT_ARCH_OPTIONS = ("dim", "depth", "heads")
+STRIDE_OPTIONS = ("fstride", "tstride")
 AST_HEAD = ("head_norm.", "head.")
 TEACHER_HEAD = ("pool.",)
 
@@ -45,8 +47,17 @@ def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tup
     return torch.cat([special, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+def init_supplied(options: object) -> tuple[str, ...]:
+    """The architecture options of `options` (parsed arguments or a TrainConfig) that --init's model supplies, so a
+    card records them only when they were used."""
+    if getattr(options, "init", None) is None:
+        return ()
+    return (*INIT_ARCH_OPTIONS, *(k for k in STRIDE_OPTIONS if getattr(options, k) is None))
+
+
 def init_arch(directory: str | Path) -> dict:
-    """The architecture of the init model (the student keeps its width, depth and heads)."""
+    """The architecture of the init model (the student keeps its width, depth and heads, and its strides unless
+    told otherwise)."""
     from fastast.model.card import ModelCard
 
     return dict(ModelCard.load(Path(directory) / "card.json").arch)

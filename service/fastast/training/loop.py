@@ -41,7 +41,7 @@ from fastast.training.data import (
     read_manifest,
     read_path_list,
 )
-from fastast.training.init import INIT_ARCH_OPTIONS, init_arch
+from fastast.training.init import STRIDE_OPTIONS, init_arch, init_supplied
 from fastast.training.losses import cmkd_loss, label_loss
 
 ARCHS = ("tiny", "small", "base", "efficientnet_b2")
@@ -58,8 +58,8 @@ class TrainConfig:
     dim: int | None = None
     depth: int | None = None
     heads: int | None = None
-    fstride: int = 10
-    tstride: int = 10
+    fstride: int | None = None  # None: the --init model's, or AST's 10
+    tstride: int | None = None
     target_length: int = 1024
     num_mel_bins: int = 128
     epochs: int = 10
@@ -99,16 +99,17 @@ def build_student(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dic
         return EfficientNetTeacher(num_classes), teacher_arch(config.target_length, config.num_mel_bins)
     if config.arch not in ARCHS:
         raise DataError(f"unknown arch {config.arch!r}; choose one of {', '.join(ARCHS)}")
-    overrides = {k: v for k, v in (("dim", config.dim), ("depth", config.depth), ("heads", config.heads)) if v}
+    overrides = {k: getattr(config, k) for k in ("dim", "depth", "heads", *STRIDE_OPTIONS) if getattr(config, k)}
     if config.init is not None:
         base = init_arch(config.init)
         if base.get("type", "ast") != "ast":
             raise CheckpointError(f"--init {config.init}: not an AST model")
-        overrides = {k: base[k] for k in (*INIT_ARCH_OPTIONS, "mlp_ratio", "norm_eps", "head_norm_eps")}
+        inherited = (*init_supplied(config), "mlp_ratio", "norm_eps", "head_norm_eps")
+        overrides = {**{k: v for k, v in overrides.items() if k in STRIDE_OPTIONS}, **{k: base[k] for k in inherited}}
     dim, heads = SIZES[config.arch]
     ast_config = ASTConfig(**{
-        "num_classes": num_classes, "dim": dim, "heads": heads, "fstride": config.fstride, "tstride": config.tstride,
-        "target_length": config.target_length, "num_mel_bins": config.num_mel_bins, **overrides,
+        "num_classes": num_classes, "dim": dim, "heads": heads, "target_length": config.target_length,
+        "num_mel_bins": config.num_mel_bins, **overrides,
     })
     if ast_config.dim % ast_config.heads:
         raise DataError(f"dim {ast_config.dim} is not divisible by heads {ast_config.heads}")
@@ -367,7 +368,8 @@ class Trainer:
 
     def _card(self, spec: InputSpec, augment: AugmentConfig, init_notes: dict, state: dict | None = None) -> ModelCard:
         config = self.config
-        unused = INIT_ARCH_OPTIONS if config.init is not None else ()  # the --init model's architecture won
+        # What --init's model supplied, and strides left to their default, are in the card's arch, not here.
+        unused = (*init_supplied(config), *(k for k in STRIDE_OPTIONS if getattr(config, k) is None))
         provenance = {
             "source": "fastast distill" if self.teacher else "fastast train",
             "command": config.command,
