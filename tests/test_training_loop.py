@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,20 @@ def test_resume_restores_weights_and_optimizer(tones, tmp_path):
     saved = load_model(out).net.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in trainer.network.state_dict().items())
     assert all(int(s["step"]) == 3 for s in optimizer.state.values())
+
+
+def test_the_seed_fixes_the_initial_weights(tones, tmp_path):
+    """--seed makes a run from scratch repeatable: the network is built from it, not from whatever state torch's
+    default generator is in (torch seeds it differently in every process)."""
+    config = TrainConfig(train=tones / "train.json", val=tones / "val.json", labels=tones / "labels.csv",
+                         out=tmp_path / "m", dim=32, depth=2, heads=2, target_length=64, fstride=16, tstride=16, seed=3)
+    weights = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        weights.append(Trainer(config).network.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    other = Trainer(replace(config, seed=4)).network.state_dict()
+    assert not torch.equal(weights[0]["pos_embed"], other["pos_embed"])
 
 
 def test_train_with_tome_active(tones, tmp_path):

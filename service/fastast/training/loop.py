@@ -201,6 +201,7 @@ class Trainer:
         if self.task not in ("single-label", "multi-label"):
             raise DataError(f"unknown task {self.task!r}")
         self.teacher = self._load_teacher() if config.teacher else None
+        torch.manual_seed(config.seed)  # the initial weights: torch seeds its default generator per process
         self.network, self.arch = build_student(config, len(self.labels))
         self.features = FeatureSpec(config.target_length, config.num_mel_bins)
 
