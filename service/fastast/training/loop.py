@@ -105,7 +105,7 @@ def build_student(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dic
         if base.get("type", "ast") != "ast":
             raise CheckpointError(f"--init {config.init}: not an AST model")
         inherited = (*init_supplied(config), "mlp_ratio", "norm_eps", "head_norm_eps")
-        overrides = {**{k: v for k, v in overrides.items() if k in STRIDE_OPTIONS}, **{k: base[k] for k in inherited}}
+        overrides |= {k: base[k] for k in inherited}  # strides given on the command line are not inherited
     dim, heads = SIZES[config.arch]
     ast_config = ASTConfig(**{
         "num_classes": num_classes, "dim": dim, "heads": heads, "target_length": config.target_length,
