@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Reproduces model_store/default: a FastAST keyword model for the 35 Speech Commands words that understands real
 # voices. A student is pretrained on synthetic espeak-ng speech, then fine-tuned on real Speech Commands speakers,
-# FSDD digits and the synthetic speech together (from the third real stage on, flite's and festival's voices too),
+# FSDD digits and the synthetic speech together (from the third real stage on, flite's and festival's voices too;
+# in the last, three times as many synthetic clips),
 # with augmentation that makes synthetic speech sound recorded (real background noise, speed, room reverb, gain,
 # SpecAugment) and label-balanced sampling; a ToMe-trained sibling ("Train+Inf") continues from it with
 # r = R_TRAIN. Both r tables are measured on the real test speakers.
-# About 4.5 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
+# About 5 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
 # a CMKD student as a candidate pretrained base (another hour and a half).
 #
 #   scripts/default_model.sh                  # data, synthetic stages, real fine-tune, Train+Inf, evaluation
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
-# Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, REAL_DATA, WORK, OUT, DEVICE, WORKERS, THREADS,
-# STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES (one number per real stage each),
+# Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, MORE_TTS_DATA, REAL_DATA, WORK, OUT, DEVICE,
+# WORKERS, THREADS, STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH (one
+# entry per real stage each),
 # TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ FASTAST=${FASTAST:-.venv/bin/fastast}
 REAL=${REAL:-../shared/data/real}
 DATA=${DATA:-data/sc-synth}
 TTS_DATA=${TTS_DATA:-data/sc-synth-tts}  # the same words and held-out speakers, training clips from three engines
+MORE_TTS_DATA=${MORE_TTS_DATA:-data/sc-synth-tts600}  # the same with 600 clips per word: more speaker pairings
 REAL_DATA=${REAL_DATA:-data/real}
 WORK=${WORK:-runs/default}          # intermediate models (not shipped)
 OUT=${OUT:-model_store/default}
@@ -35,17 +38,28 @@ if [ "${#STAGE_EPOCHS[@]}" != "${#LRS[@]}" ]; then
 fi
 CMKD_STAGE=4                        # the CMKD student replaces this stage (same start, rate, epochs, seed)
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
-# Each real fine-tuning stage's epochs, peak learning rate (the last stages settle at a lower rate) and patch stride
+# Each real fine-tuning stage's epochs, peak learning rate (the last stages settle at a lower rate), patch stride
 # along frequency (8 would mean overlapping patches: twice the tokens and the compute, position embeddings
-# interpolated to the new grid; tried as a ninth stage, it did not pay for its cost: docs/BENCHMARKS.md).
-read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10}"
-read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4}"
-read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16}"
-if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "${#REAL_FSTRIDES[@]}" ]; then
-    echo "default_model.sh: REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES need one number per real stage (got" \
-        "'${REAL_EPOCHS[*]}', '${REAL_LRS[*]}' and '${REAL_FSTRIDES[*]}')" >&2
+# interpolated to the new grid; tried as a ninth stage, it did not pay for its cost: docs/BENCHMARKS.md) and
+# synthetic speech: espeak (DATA), tts (TTS_DATA) or tts600 (MORE_TTS_DATA; 5 epochs of it are as many steps as 10
+# of the others).
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10 5}"
+read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4 1e-4}"
+read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16 16}"
+read -r -a REAL_SYNTH <<<"${REAL_SYNTH:-espeak espeak tts tts tts tts tts tts tts600}"
+if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "${#REAL_FSTRIDES[@]}" ] ||
+    [ "${#REAL_EPOCHS[@]}" != "${#REAL_SYNTH[@]}" ]; then
+    echo "default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH need one entry per real stage (got" \
+        "'${REAL_EPOCHS[*]}', '${REAL_LRS[*]}', '${REAL_FSTRIDES[*]}' and '${REAL_SYNTH[*]}')" >&2
     exit 2
 fi
+synth_data() {  # synth_data NAME: the folder of a REAL_SYNTH entry
+    case $1 in
+        espeak) echo "$DATA" ;; tts) echo "$TTS_DATA" ;; tts600) echo "$MORE_TTS_DATA" ;;
+        *) echo "default_model.sh: REAL_SYNTH entries are espeak, tts or tts600 (got '$1')" >&2; exit 2 ;;
+    esac
+}
+for name in "${REAL_SYNTH[@]}"; do synth_data "$name" >/dev/null; done
 TOME_EPOCHS=${TOME_EPOCHS:-2}
 R_TRAIN=${R_TRAIN:-6}
 R_SWEEP=${R_SWEEP:-0,2,4,6,8,10,12,16}
@@ -61,13 +75,17 @@ STUDENT=(--arch tiny --dim 128 --depth 6 --heads 2 --target-length 128
 SPLITS=(--train "$DATA/train.json" --val "$DATA/val.json" --labels "$DATA/labels.csv")
 
 # 1. Data: 35 keywords x 200 clips spoken by espeak-ng voices (val/test speakers never heard in training), and the
-#    same with flite's and festival's 7 voices speaking a third of the training clips; the real Speech Commands
-#    clips split by speaker (40 test speakers, 20 validation, the rest train) and FSDD's digits.
+#    same with flite's and festival's 7 voices speaking a third of the training clips (and, if a stage uses it, with
+#    600 clips per word); the real Speech Commands clips split by speaker (40 test speakers, 20 validation, the
+#    rest train) and FSDD's digits.
 if [ ! -f "$DATA/test.json" ]; then
     "$FASTAST" synth-commands --out "$DATA" --per-word 200 --seed 0
 fi
 if [ ! -f "$TTS_DATA/test.json" ]; then
     "$FASTAST" synth-commands --out "$TTS_DATA" --per-word 200 --seed 0 --engines espeak-ng,flite,festival
+fi
+if [[ " ${REAL_SYNTH[*]} " == *" tts600 "* ]] && [ ! -f "$MORE_TTS_DATA/test.json" ]; then
+    "$FASTAST" synth-commands --out "$MORE_TTS_DATA" --per-word 600 --seed 0 --engines espeak-ng,flite,festival
 fi
 "$FASTAST" prepare-data speechcommands-real --root "$REAL/speech_commands_test_v0.02" --out "$REAL_DATA/sc"
 "$FASTAST" prepare-data fsdd --root "$REAL/fsdd" --out "$REAL_DATA/fsdd"
@@ -142,16 +160,16 @@ fi
 #    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1.
 #    Stages 1-2 mix in espeak-ng's speech, the later ones the three engines' (that is how the shipped model was
 #    made: the third stage with flite's and festival's voices gained 3.4 points on the real test speakers and 7.4
-#    on FSDD's against the same stage without them, the later stages more; docs/BENCHMARKS.md). All the
+#    on FSDD's against the same stage without them, the later stages more; the ninth has three times the
+#    synthetic clips; docs/BENCHMARKS.md). All the
 #    validation data picks the stage: the real validation speakers and FSDD's validation speaker, pooled (the 280
 #    real clips alone cannot separate stages a few points apart). Then "Train+Inf": the last stage's data with
 #    r = R_TRAIN merged in every block, continuing from the chosen stage at a lower rate.
 REAL_REST=(--val "$REAL_DATA/sc/val.json" --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
            --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
 mixed_train() {  # mixed_train K: the --train manifests of real stage K (1-based)
-    local synth=$DATA
-    if [ "$1" -ge 3 ]; then synth=$TTS_DATA; fi
-    echo --train "$synth/train.json" "$REAL_DATA/sc/train.json" "$REAL_DATA/fsdd/train.json"
+    echo --train "$(synth_data "${REAL_SYNTH[$1 - 1]}")/train.json" "$REAL_DATA/sc/train.json" \
+        "$REAL_DATA/fsdd/train.json"
 }
 REAL_STAGES=()
 start=$BEST

@@ -37,6 +37,7 @@ def run_script(tmp_path: Path, accuracy: dict[str, float], with_teacher: bool, *
         **knobs,
         "DATA": str(tmp_path / "data"),
         "TTS_DATA": str(tmp_path / "data-tts"),
+        "MORE_TTS_DATA": str(tmp_path / "data-tts600"),
         "REAL": str(tmp_path / "shared"),
         "REAL_DATA": str(tmp_path / "real"),
         "WITH_TEACHER": "1" if with_teacher else "0",
@@ -64,7 +65,7 @@ def plain_stages(calls: list[str], work: Path) -> list[str]:
 
 def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str) -> None:
     """Real data prepared first; the base fine-tuned on mixed data in stages (espeak-ng speech in stages 1-2, the
-    three engines' after); the stage that ships and that Train+Inf continues from is the best on the real and FSDD
+    three engines' after, three times as much of it in stage 9); the stage that ships and that Train+Inf continues from is the best on the real and FSDD
     validation speakers pooled; tables on the real test speakers."""
     work, real = tmp_path / "work", tmp_path / "real"
     prepares = [c for c in calls if c.startswith("prepare-data")]
@@ -81,7 +82,7 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
     assert "stride" not in tome  # Train+Inf keeps the patch grid of the model it continues from
-    synthetic = ["data", "data", *["data-tts"] * (len(stages) - 1)]  # the stages, then Train+Inf
+    synthetic = ["data", "data", *["data-tts"] * 6, "data-tts600", "data-tts600"]  # the stages, then Train+Inf
     for call, folder in zip((*stages, tome), synthetic, strict=True):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/{folder}/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
@@ -100,9 +101,9 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
 
 
 # The shipped model's real stages: epochs, peak learning rates and patch strides along frequency.
-REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10"]
-REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 2
-REAL_FSTRIDES = ["16"] * 8
+REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10", "5"]
+REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 3
+REAL_FSTRIDES = ["16"] * 9
 REAL_STAGES = {f"real_stage{k}": 0.60 for k in range(1, len(REAL_EPOCHS) + 1)}
 REAL_STAGES |= {"real_stage2": 0.70, "real_stage3": 0.66}
 
@@ -111,6 +112,8 @@ def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path):
     calls, out = run_script(tmp_path, REAL_STAGES, with_teacher=False)
     assert calls[0].startswith("synth-commands") and "--engines" not in calls[0]
     assert calls[1].startswith("synth-commands") and args_of(calls[1], "--engines") == "espeak-ng,flite,festival"
+    assert args_of(calls[2], "--out") == f"{tmp_path}/data-tts600" and args_of(calls[2], "--per-word") == "600"
+    assert args_of(calls[2], "--engines") == "espeak-ng,flite,festival"
     plain_stages(calls, tmp_path / "work")
     assert not any("efficientnet_b2" in c or c.startswith("distill") for c in calls)
     check_real_fine_tune(calls, tmp_path, "student", out, shipped="real_stage2")
@@ -141,8 +144,11 @@ def test_the_stage_that_ships_is_the_best_on_all_validation_clips_pooled(tmp_pat
 
 
 def test_a_real_stage_can_move_to_overlapping_patches_and_train_inf_keeps_them(tmp_path):
-    knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8"}
+    knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8", "REAL_SYNTH": "espeak tts"}
     calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2": 0.7}, with_teacher=False, **knobs)
+    # No stage uses the 600-per-word set, so it is not made.
+    assert [args_of(c, "--out") for c in calls if c.startswith("synth-commands")] == [
+        f"{tmp_path}/data", f"{tmp_path}/data-tts"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
     work = tmp_path / "work"
     assert [args_of(trains[f"{work}/real_stage{k}"], "--fstride") for k in (1, 2)] == ["16", "8"]
@@ -151,12 +157,24 @@ def test_a_real_stage_can_move_to_overlapping_patches_and_train_inf_keeps_them(t
     assert (out / "model.safetensors").read_text().strip() == "real_stage2"
 
 
-@pytest.mark.parametrize("lrs, fstrides", [("3e-4", "16 8"), ("3e-4 1e-4", "8")])
-def test_one_learning_rate_and_stride_per_real_stage_or_a_one_line_error(tmp_path, lrs, fstrides):
-    env = {**os.environ, "REAL_EPOCHS": "10 10", "REAL_LRS": lrs, "REAL_FSTRIDES": fstrides,
-           "FASTAST": str(tmp_path / "never-called")}
+def run_refused(tmp_path: Path, **knobs: str) -> str:
+    """Run the recipe with knobs it must refuse before calling fastast; its one-line error."""
+    env = {**os.environ, **knobs, "FASTAST": str(tmp_path / "never-called")}
     result = subprocess.run(["bash", str(REPO / "scripts" / "default_model.sh")], env=env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("default_model.sh: REAL_EPOCHS, REAL_LRS and REAL_FSTRIDES need one number per "
-                                     f"real stage (got '10 10', '{lrs}' and '{fstrides}')")
+    return result.stderr.strip()
+
+
+@pytest.mark.parametrize("lrs, fstrides, synth", [("3e-4", "16 8", "tts tts"), ("3e-4 1e-4", "8", "tts tts"),
+                                                  ("3e-4 1e-4", "16 8", "tts600")])
+def test_one_learning_rate_stride_and_synthetic_set_per_real_stage_or_a_one_line_error(tmp_path, lrs, fstrides, synth):
+    error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS=lrs, REAL_FSTRIDES=fstrides, REAL_SYNTH=synth)
+    assert error == ("default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH need one entry per real "
+                     f"stage (got '10 10', '{lrs}', '{fstrides}' and '{synth}')")
+
+
+def test_an_unknown_synthetic_set_is_a_one_line_error(tmp_path):
+    error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS="3e-4 1e-4", REAL_FSTRIDES="16 16",
+                        REAL_SYNTH="tts festival")
+    assert error == "default_model.sh: REAL_SYNTH entries are espeak, tts or tts600 (got 'festival')"
