@@ -103,3 +103,10 @@ def test_esc10_folds(tmp_path):
                 for split in ("train", "val", "test")}
     assert held_out == {"train": {"1", "2", "3"}, "val": {"4"}, "test": {"5"}}
     assert (tmp_path / "out" / "labels.csv").read_text().splitlines()[1:] == ["0,dog_bark,Dog bark", "1,rain,Rain"]
+    # Another test fold: the fold before it validates (fold 5 before fold 1), the other three train.
+    prepare_esc10(root, tmp_path / "fold1", test_fold=1)
+    held_out = {split: {ex.path.name[0] for ex in read_manifest(tmp_path / "fold1" / f"{split}.json")}
+                for split in ("train", "val", "test")}
+    assert held_out == {"train": {"2", "3", "4"}, "val": {"5"}, "test": {"1"}}
+    with pytest.raises(DataError, match="test fold must be 1..5"):
+        prepare_esc10(root, tmp_path / "fold6", test_fold=6)

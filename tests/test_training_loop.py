@@ -17,6 +17,7 @@ from fastast.model.store import load_model, sha256_file
 from fastast.training.data import Example, write_label_csv, write_manifest
 from fastast.training.evaluate import average_precision
 from fastast.training.loop import TrainConfig, Trainer, make_optimizer
+from fastast.training.plot import MIN_METRIC_SPAN, metric_limits
 
 FREQS = {"/m/low": 300.0, "/m/mid": 1000.0, "/m/high": 3000.0}
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--target-length", "64", "--fstride", "16", "--tstride", "16"]
@@ -326,6 +327,15 @@ def test_evaluate_table_matches_hand_computation(tones, tmp_path, capsys):
     table = load_model(model_dir).card.r_table
     assert [(row.variant, row.r) for row in table] == [("Inf", 0), ("Inf", 4), ("Inf", 8), ("Train+Inf", 0), ("Train+Inf", 4)]
     assert table[-1].model_extra["model"] == "m2" and "model" not in table[0].model_extra
+
+
+def test_the_plot_keeps_a_flat_accuracy_line_flat():
+    # Half a point between r=0 and r=48 (the ESC-10 cross-validation): a tight axis would draw it as a cliff.
+    low, high = metric_limits([0.595, 0.5925, 0.59])
+    assert high - low >= MIN_METRIC_SPAN and low < 0.59 and high > 0.595
+    assert (low + high) / 2 == pytest.approx(0.5925)
+    low, high = metric_limits([0.24, 0.81])  # a real trade-off keeps its own range, with a little room
+    assert (low, high) == pytest.approx((0.23, 0.82))
 
 
 def test_evaluate_map_for_multi_label(tones, tmp_path, capsys):

@@ -23,7 +23,7 @@ def handle(args: argparse.Namespace) -> int:
     elif args.dataset == "fsdd":
         result = prepare_real.prepare_fsdd(args.root, args.out, args.seed, args.test_speakers, args.val_speakers)
     elif args.dataset == "esc10":
-        result = prepare_real.prepare_esc10(args.root, args.out)
+        result = prepare_real.prepare_esc10(args.root, args.out, args.test_fold)
     elif args.dataset == "audioset":
         result = prepare.prepare_audioset(args.segments, args.audio, args.out, args.split)
     else:
@@ -57,8 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--test-speakers", type=int, default=test, help="speakers held out for test")
         sub.add_argument("--val-speakers", type=int, default=val, help="speakers held out for validation")
     esc10 = kinds.add_parser("esc10", help="ESC-10 (clips.csv with fold): fold{1..5}_{train,eval}.json and train/val/test.json "
-                                  "(folds 1-3 / 4 / 5)")
+                                  "(folds 1-3 / 4 / 5 by default)")
     esc10.add_argument("--root", type=Path, required=True)
+    esc10.add_argument("--test-fold", type=int, default=5, choices=range(1, 6), metavar="{1..5}",
+                       help="test.json's fold; val.json is the fold before it (5 for fold 1), train.json the rest")
     for sub in (esc, sc, aset, folder, real_sc, fsdd, esc10):
         sub.add_argument("--out", type=Path, required=True, help="output folder for manifests and labels.csv")
     parser.set_defaults(func=handle)

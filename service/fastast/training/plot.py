@@ -7,6 +7,8 @@ from pathlib import Path
 
 from fastast.model.card import RTableRow
 
+MIN_METRIC_SPAN = 0.1  # the metric axis spans at least this much, so a half-point wobble does not look like a cliff
+
 
 def by_variant(rows: Sequence[RTableRow]) -> dict[str | None, list[RTableRow]]:
     """Rows grouped by variant in first-seen order, so Inf and Train+Inf (or several models) share one plot."""
@@ -14,6 +16,12 @@ def by_variant(rows: Sequence[RTableRow]) -> dict[str | None, list[RTableRow]]:
     for row in rows:
         groups.setdefault(row.variant, []).append(row)
     return groups
+
+
+def metric_limits(values: Sequence[float]) -> tuple[float, float]:
+    """The metric axis: every value with a little room, and at least MIN_METRIC_SPAN wide around them."""
+    margin = max(MIN_METRIC_SPAN - (max(values) - min(values)), 0.0) / 2 + 0.01
+    return min(values) - margin, max(values) + margin
 
 
 def plot_rows(rows: Sequence[RTableRow], path: str | Path, title: str = "") -> Path:
@@ -31,6 +39,7 @@ def plot_rows(rows: Sequence[RTableRow], path: str | Path, title: str = "") -> P
         r = [row.r for row in group]
         left.plot(r, [row.value for row in group], "o-", color=colour, label=variant or rows[0].metric)
         right.plot(r, [row.samples_per_s or 0 for row in group], "s--", color=colour, alpha=0.6)
+    left.set_ylim(*metric_limits([row.value for row in rows]))
     left.set_xlabel("r (tokens merged per block)")
     left.set_ylabel(f"{rows[0].metric} (solid)")
     right.set_ylabel("samples/s (dashed)")

@@ -4,8 +4,9 @@
   `model_store/default`; the `_silence_` clips (no speaker) become `noise.txt`, background noise for augmentation.
 - FSDD: digits 0-9 as the words zero ... nine, split by speaker, resampled to 16 kHz and centred in one second
   (written as FLAC under OUT/audio/), so they look like Speech Commands clips.
-- ESC-10: fold{k}_train / fold{k}_eval for k = 1..5 (clips cut from one recording share a fold), plus the
-  single-split protocol train (folds 1-3) / val (fold 4) / test (fold 5) for when 5 runs cost too much.
+- ESC-10: fold{k}_train / fold{k}_eval for k = 1..5 (clips cut from one recording share a fold), plus a
+  held-out split train / val / test with a validation fold of its own: test fold k, validation the fold before
+  it, training the other three (folds 1-3 / 4 / 5 by default). Five runs, one per test fold, cross-validate.
 
 A speaker's split depends only on (seed, speaker id), never on file order or on which other speakers exist, so
 adding clips never moves a speaker to another split, and the test speakers are never used to train or select.
@@ -25,7 +26,7 @@ import soundfile as sf
 from fastast.audio import load_audio
 from fastast.model.card import Label, bundled_labels
 from fastast.training.data import DataError, Example
-from fastast.training.prepare import Prepared, fold_splits, write_splits
+from fastast.training.prepare import ESC50_FOLDS, Prepared, fold_splits, write_splits
 
 SAMPLE_RATE = 16000
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -123,7 +124,14 @@ def prepare_fsdd(root: str | Path, out: str | Path, seed: int = 0, test_speakers
     return _write_speaker_splits(out, items, seed, test_speakers, val_speakers)
 
 
-ESC10_VAL_FOLD, ESC10_TEST_FOLD = 4, 5
+ESC10_TEST_FOLD = 5
+
+
+def esc10_val_fold(test_fold: int) -> int:
+    """The fold before the test fold validates (fold 5 before fold 1), so five runs rotate every role."""
+    if not 1 <= test_fold <= ESC50_FOLDS:
+        raise DataError(f"the test fold must be 1..{ESC50_FOLDS}, got {test_fold}")
+    return (test_fold - 2) % ESC50_FOLDS + 1
 
 
 def holdout_splits(items: Sequence[tuple[int, Example]], val_fold: int, test_fold: int) -> dict[str, list[Example]]:
@@ -135,9 +143,10 @@ def holdout_splits(items: Sequence[tuple[int, Example]], val_fold: int, test_fol
             "test": [ex for k, ex in items if k == test_fold]}
 
 
-def prepare_esc10(root: str | Path, out: str | Path) -> Prepared:
-    """esc10/ -> fold{k}_train.json / fold{k}_eval.json for k = 1..5, train / val / test.json (folds 1-3 / 4 / 5)
-    and its 10 labels."""
+def prepare_esc10(root: str | Path, out: str | Path, test_fold: int = ESC10_TEST_FOLD) -> Prepared:
+    """esc10/ -> fold{k}_train.json / fold{k}_eval.json for k = 1..5, train / val / test.json (test fold
+    `test_fold`, validation the fold before it, training the rest) and its 10 labels."""
+    val_fold = esc10_val_fold(test_fold)
     root, out = Path(root), Path(out)
     rows = read_clips(root, ("path", "label", "label_idx", "fold"))
     names = {int(row["label_idx"]): row["label"] for row in rows}
@@ -145,4 +154,4 @@ def prepare_esc10(root: str | Path, out: str | Path) -> Prepared:
         raise DataError(f"{root / 'clips.csv'}: label_idx should run 0..{len(names) - 1}, got {sorted(names)}")
     labels = [Label(index=i, mid=names[i].lower().replace(" ", "_"), display_name=names[i]) for i in sorted(names)]
     items = [(int(row["fold"]), Example(root / row["path"], (labels[int(row["label_idx"])].mid,))) for row in rows]
-    return write_splits(out, fold_splits(items) | holdout_splits(items, ESC10_VAL_FOLD, ESC10_TEST_FOLD), labels)
+    return write_splits(out, fold_splits(items) | holdout_splits(items, val_fold, test_fold), labels)
