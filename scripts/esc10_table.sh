@@ -104,13 +104,14 @@ for fold in $FOLDS; do run_fold "$fold"; done
 
 # The table: each fold's, then the mean over the folds (accuracy and S/s); the plot of the mean. Then the row the
 # validation folds prefer at r=0 (mean over folds), its mean test accuracy, and the last fold's run of it.
-CHOSEN=$("$(dirname "$FASTAST")/python" - "$WORK" "$PLOT" "$SHIP_AT" "$FOLDS" "${ROWS[@]}" <<'PY'
+CHOSEN=$("$(dirname "$FASTAST")/python" - "$WORK" "$PLOT" "$SHIP_AT" "$FOLDS" "${STUDENTS[*]}" "${ROWS[@]}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 from fastast.model.card import RTableRow
 from fastast.training.plot import plot_rows
 
-work, plot, ship_at, folds, names = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4].split(), sys.argv[5:]
+work, plot, ship_at, folds, students, names = (Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4].split(),
+                                               sys.argv[5].split(), sys.argv[6:])
 runs = {fold: work / f"test_fold{fold}" for fold in folds}
 results = {fold: {name: json.loads((run / f"{name}.test.json").read_text())["rows"] for name in names}
            for fold, run in runs.items()}
@@ -133,14 +134,14 @@ if len(folds) > 1:
 text = "\n\n".join(parts)
 (work / "table.md").write_text(text + "\n")
 print(text, file=sys.stderr)
-students = [RTableRow(**row) for name, rows in mean.items() if name != "teacher" for row in rows]
+student_rows = [RTableRow(**row) for name, rows in mean.items() if name != "teacher" for row in rows]
 title = f"ESC-10, test fold{'s' if len(folds) > 1 else ''} {', '.join(folds)}, from scratch"
 if "teacher" in mean:
     title += f" (teacher: {100 * mean['teacher'][0]['value']:.1f} %)"
-plot_rows(students, plot, title=title)
+plot_rows(student_rows, plot, title=title)
 
 val = {name: statistics.fmean(json.loads((run / f"{name}.val.json").read_text())["rows"][0]["value"]
-                              for run in runs.values()) for name in ("inf", "cmkd") if name in names}
+                              for run in runs.values()) for name in students}
 for name, value in val.items():
     print(f"validation accuracy at r=0, mean over the folds: {name} {value:.4f}", file=sys.stderr)
 best = max(val, key=val.get)

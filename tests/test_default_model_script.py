@@ -65,8 +65,8 @@ def plain_stages(calls: list[str], work: Path) -> list[str]:
 
 def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str) -> None:
     """Real data prepared first; the base fine-tuned on mixed data in stages (espeak-ng speech in stages 1-2, the
-    three engines' after, three times as much of it in stage 9); the stage that ships and that Train+Inf continues from is the best on the real and FSDD
-    validation speakers pooled; tables on the real test speakers."""
+    three engines' after, three times as much of it in stage 9); the stage that ships and that Train+Inf continues
+    from is the best on the real and FSDD validation speakers pooled; tables on the real test speakers."""
     work, real = tmp_path / "work", tmp_path / "real"
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]

@@ -59,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     esc10 = kinds.add_parser("esc10", help="ESC-10 (clips.csv with fold): fold{1..5}_{train,eval}.json and train/val/test.json "
                                   "(folds 1-3 / 4 / 5 by default)")
     esc10.add_argument("--root", type=Path, required=True)
-    esc10.add_argument("--test-fold", type=int, default=5, choices=range(1, 6), metavar="{1..5}",
-                       help="test.json's fold; val.json is the fold before it (5 for fold 1), train.json the rest")
+    esc10.add_argument("--test-fold", type=int, default=5,
+                       help="test.json's fold, 1..5; val.json is the fold before it (5 for fold 1), train.json the rest")
     for sub in (esc, sc, aset, folder, real_sc, fsdd, esc10):
         sub.add_argument("--out", type=Path, required=True, help="output folder for manifests and labels.csv")
     parser.set_defaults(func=handle)
