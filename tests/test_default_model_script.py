@@ -72,25 +72,29 @@ def plain_stages(calls: list[str], work: Path) -> list[str]:
 
 def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str) -> None:
     """Real data prepared first; the base fine-tuned on mixed data in stages (espeak-ng speech in stages 1-2, the
-    three engines' after, three times as much of it in stage 9); the stage that ships and that Train+Inf continues
-    from is the best on the real and FSDD validation speakers, each weighted as a speaker; tables on the real test
-    speakers."""
+    three engines' after, three times as much of it in stages 9-10), the last stage once per seed from stage 9; the
+    run that ships and that Train+Inf continues from is the best on the real and FSDD validation speakers, each
+    weighted as a speaker; tables on the real test speakers."""
     work, real = tmp_path / "work", tmp_path / "real"
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
-    stages = [trains[f"{work}/real_stage{k}"] for k in range(1, len(REAL_EPOCHS) + 1)]
+    stages = [trains[f"{work}/{name}"] for name in REAL_RUNS]
     tome = trains[f"{work}/real_tome"]
     assert calls.index(prepares[-1]) < calls.index(stages[0]) < calls.index(stages[-1]) < calls.index(tome)
-    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in range(1, len(stages)))]
+    last = len(REAL_EPOCHS)
+    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in range(1, last - 1))]
+    starts += [f"{work}/real_stage{last - 1}"] * len(LAST_SEEDS)
     assert [args_of(c, "--init") for c in stages] == starts
-    assert [args_of(c, "--seed") for c in stages] == [str(k) for k in range(len(stages))]
-    assert [(args_of(c, "--epochs"), args_of(c, "--lr")) for c in stages] == list(zip(REAL_EPOCHS, REAL_LRS))
-    assert [args_of(c, "--fstride") for c in stages] == REAL_FSTRIDES and not any("--tstride" in c for c in stages)
+    assert [args_of(c, "--seed") for c in stages] == [*(str(k) for k in range(last - 1)), *LAST_SEEDS]
+    settings = list(zip(REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES))
+    settings += [settings[-1]] * (len(LAST_SEEDS) - 1)
+    assert [(args_of(c, "--epochs"), args_of(c, "--lr"), args_of(c, "--fstride")) for c in stages] == settings
+    assert not any("--tstride" in c for c in stages)
     assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
     assert "stride" not in tome  # Train+Inf keeps the patch grid of the model it continues from
-    synthetic = ["data", "data", *["data-tts"] * 6, "data-tts600", "data-tts600"]  # the stages, then Train+Inf
+    synthetic = ["data", "data", *["data-tts"] * 6, *["data-tts600"] * (len(LAST_SEEDS) + 2)]  # then Train+Inf
     for call, folder in zip((*stages, tome), synthetic, strict=True):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/{folder}/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
@@ -100,7 +104,7 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert all(args_of(c, "--data").endswith("val.json") for c in choices)  # never picks on test
     for val in ("sc", "fsdd"):
         assert {args_of(c, "--model") for c in choices if args_of(c, "--data") == f"{real}/{val}/val.json"} == {
-            f"{work}/real_stage{k}" for k in range(1, len(stages) + 1)}
+            f"{work}/{name}" for name in REAL_RUNS}
     assert all("--per-speaker" in c.split() for c in choices if "/real/" in args_of(c, "--data"))
     assert (out / "model.safetensors").read_text().strip() == shipped
     sweeps = [c for c in calls if c.startswith("evaluate") and "--write-card" in c and "--r 0,2" in c]
@@ -109,23 +113,26 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert args_of(sweeps[1], "--model") == f"{work}/real_tome" and args_of(sweeps[1], "--card") == str(out)
 
 
-# The shipped model's real stages: epochs, peak learning rates and patch strides along frequency.
-REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10", "5"]
-REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 3
-REAL_FSTRIDES = ["16"] * 9
-REAL_STAGES = {f"real_stage{k}": 0.60 for k in range(1, len(REAL_EPOCHS) + 1)}
-REAL_STAGES |= {"real_stage2": 0.70, "real_stage3": 0.66}
+# The shipped model's real stages: epochs, peak learning rates and patch strides along frequency; the seeds of the
+# last stage's runs; the runs' folders.
+REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10", "5", "5"]
+REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 4
+REAL_FSTRIDES = ["16"] * 10
+LAST_SEEDS = ["10", "11", "12", "13"]
+REAL_RUNS = [*(f"real_stage{k}" for k in range(1, 10)), *(f"real_stage10_seed{seed}" for seed in LAST_SEEDS)]
+REAL_STAGES = dict.fromkeys(REAL_RUNS, 0.60) | {"real_stage2": 0.70, "real_stage3": 0.66}
 
 
-def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path):
-    calls, out = run_script(tmp_path, REAL_STAGES, with_teacher=False)
+@pytest.mark.parametrize("shipped", ["real_stage2", "real_stage10_seed12"])
+def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path, shipped):
+    calls, out = run_script(tmp_path, REAL_STAGES | {shipped: 0.75}, with_teacher=False)
     assert calls[0].startswith("synth-commands") and "--engines" not in calls[0]
     assert calls[1].startswith("synth-commands") and args_of(calls[1], "--engines") == "espeak-ng,flite,festival"
     assert args_of(calls[2], "--out") == f"{tmp_path}/data-tts600" and args_of(calls[2], "--per-word") == "600"
     assert args_of(calls[2], "--engines") == "espeak-ng,flite,festival"
     plain_stages(calls, tmp_path / "work")
     assert not any("efficientnet_b2" in c or c.startswith("distill") for c in calls)
-    check_real_fine_tune(calls, tmp_path, "student", out, shipped="real_stage2")
+    check_real_fine_tune(calls, tmp_path, "student", out, shipped=shipped)
 
 
 @pytest.mark.parametrize("cmkd_wins", [False, True])
@@ -157,17 +164,19 @@ def test_fsdds_one_validation_speaker_weighs_as_much_as_an_average_speaker(tmp_p
 
 
 def test_a_real_stage_can_move_to_overlapping_patches_and_train_inf_keeps_them(tmp_path):
-    knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8", "REAL_SYNTH": "espeak tts"}
-    calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2": 0.7}, with_teacher=False, **knobs)
+    knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8", "REAL_SYNTH": "espeak tts",
+             "REAL_LAST_SEEDS": "1"}
+    calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2_seed1": 0.7}, with_teacher=False, **knobs)
     # No stage uses the 600-per-word set, so it is not made.
     assert [args_of(c, "--out") for c in calls if c.startswith("synth-commands")] == [
         f"{tmp_path}/data", f"{tmp_path}/data-tts"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
     work = tmp_path / "work"
-    assert [args_of(trains[f"{work}/real_stage{k}"], "--fstride") for k in (1, 2)] == ["16", "8"]
-    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/real_stage2"
+    assert [args_of(trains[f"{work}/{run}"], "--fstride") for run in ("real_stage1", "real_stage2_seed1")] == [
+        "16", "8"]
+    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/real_stage2_seed1"
     assert "stride" not in trains[f"{work}/real_tome"]
-    assert (out / "model.safetensors").read_text().strip() == "real_stage2"
+    assert (out / "model.safetensors").read_text().strip() == "real_stage2_seed1"
 
 
 def run_refused(tmp_path: Path, **knobs: str) -> str:
@@ -191,3 +200,7 @@ def test_an_unknown_synthetic_set_is_a_one_line_error(tmp_path):
     error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS="3e-4 1e-4", REAL_FSTRIDES="16 16",
                         REAL_SYNTH="tts festival")
     assert error == "default_model.sh: REAL_SYNTH entries are espeak, tts or tts600 (got 'festival')"
+
+
+def test_the_last_stage_needs_a_seed(tmp_path):
+    assert run_refused(tmp_path, REAL_LAST_SEEDS=" ") == "default_model.sh: REAL_LAST_SEEDS needs at least one seed"
