@@ -179,14 +179,14 @@ fi
 
 # 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
 #    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
-#    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1.
-#    Stages 1-2 mix in espeak-ng's speech, the later ones the three engines' (that is how the shipped model was
-#    made: the third stage with flite's and festival's voices gained 3.4 points on the real test speakers and 7.4
-#    on FSDD's against the same stage without them, the later stages more; the ninth has three times the
-#    synthetic clips; docs/BENCHMARKS.md). The validation speakers pick the stage: the 20 real ones and FSDD's one,
-#    each weighted as a speaker (FSDD's 500 clips, counted like the 280 real ones, had outvoted the real speakers;
-#    docs/BENCHMARKS.md). Then "Train+Inf": the last stage's data with r = R_TRAIN merged in every block,
-#    continuing from the chosen stage at a lower rate.
+#    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1; the
+#    last stage runs once per seed of REAL_LAST_SEEDS. Stages 1-2 mix in espeak-ng's speech, the later ones the three
+#    engines' (that is how the shipped model was made: the third stage with flite's and festival's voices gained 3.4
+#    points on the real test speakers and 7.4 on FSDD's against the same stage without them, the later stages more;
+#    the last two have three times the synthetic clips; docs/BENCHMARKS.md). The validation speakers pick the stage
+#    (or run): the 20 real ones and FSDD's one, each weighted as a speaker (FSDD's 500 clips, counted like the 280
+#    real ones, had outvoted the real speakers; docs/BENCHMARKS.md). Then "Train+Inf": the last stage's data with
+#    r = R_TRAIN merged in every block, continuing from the chosen stage at a lower rate.
 REAL_REST=(--val "$REAL_DATA/sc/val.json" --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
            --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
 mixed_train() {  # mixed_train K: the --train manifests of real stage K (1-based)
