@@ -2,19 +2,19 @@
 # Reproduces model_store/default: a FastAST keyword model for the 35 Speech Commands words that understands real
 # voices. A student is pretrained on synthetic espeak-ng speech, then fine-tuned on real Speech Commands speakers,
 # FSDD digits and the synthetic speech together (from the third real stage on, flite's and festival's voices too;
-# in the last two, three times as many synthetic clips; the last in four runs with different seeds), with
+# in the last three, three times as many synthetic clips; the last two in four runs with different seeds), with
 # augmentation that makes synthetic speech sound recorded (real background noise, speed, room reverb, gain,
 # SpecAugment) and label-balanced sampling; a ToMe-trained sibling ("Train+Inf") continues from it with
 # r = R_TRAIN. Both r tables are measured on the real test speakers.
-# About 6.5 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
+# About 7.5 hours on 2 idle CPU cores (DEVICE=cuda: minutes); WITH_TEACHER=1 adds the EfficientNet-B2 teacher and
 # a CMKD student as a candidate pretrained base (another hour and a half).
 #
 #   scripts/default_model.sh                  # data, synthetic stages, real fine-tune, Train+Inf, evaluation
 #   WITH_TEACHER=1 scripts/default_model.sh   # also the teacher and the CMKD student
 #
 # Knobs (environment): FASTAST, REAL (shared/data/real), DATA, TTS_DATA, MORE_TTS_DATA, REAL_DATA, WORK, OUT, DEVICE,
-# WORKERS, THREADS, STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH (one
-# entry per real stage each), REAL_LAST_SEEDS, TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
+# WORKERS, THREADS, STAGE_EPOCHS (e.g. "14 20 30 12 12"), REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES, REAL_SYNTH and
+# REAL_SEEDS (one entry per real stage each), TOME_EPOCHS, TEACHER_EPOCHS, R_TRAIN, R_SWEEP, WITH_TEACHER.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,23 +41,27 @@ TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
 # along frequency (8 would mean overlapping patches: twice the tokens and the compute, position embeddings
 # interpolated to the new grid; tried as a ninth stage, it did not pay for its cost: docs/BENCHMARKS.md) and
 # synthetic speech: espeak (DATA), tts (TTS_DATA) or tts600 (MORE_TTS_DATA; 5 epochs of it are as many steps as 10
-# of the others). Stage k trains with seed k-1, except the last, which runs once per seed of REAL_LAST_SEEDS, each
-# from the stage before (four runs of the same stage differed by 3 points on validation; docs/BENCHMARKS.md).
-read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10 5 5}"
-read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4 1e-4 1e-4}"
-read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16 16 16}"
-read -r -a REAL_SYNTH <<<"${REAL_SYNTH:-espeak espeak tts tts tts tts tts tts tts600 tts600}"
-read -r -a REAL_LAST_SEEDS <<<"${REAL_LAST_SEEDS:-10 11 12 13}"
-if [ "${#REAL_LAST_SEEDS[@]}" = 0 ]; then
-    echo "default_model.sh: REAL_LAST_SEEDS needs at least one seed" >&2
-    exit 2
-fi
+# of the others) and seed: one, or several comma-separated for a stage that runs once per seed from the stage
+# before, the next stage continuing from the run best on validation (four runs of one stage differed by up to 3
+# points on validation; docs/BENCHMARKS.md).
+read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10 5 5 5}"
+read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4 1e-4 1e-4 1e-4}"
+read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16 16 16 16}"
+read -r -a REAL_SYNTH <<<"${REAL_SYNTH:-espeak espeak tts tts tts tts tts tts tts600 tts600 tts600}"
+read -r -a REAL_SEEDS <<<"${REAL_SEEDS:-0 1 2 3 4 5 6 7 8 10,11,12,13 14,15,16,17}"
 if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "${#REAL_FSTRIDES[@]}" ] ||
-    [ "${#REAL_EPOCHS[@]}" != "${#REAL_SYNTH[@]}" ]; then
-    echo "default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH need one entry per real stage (got" \
-        "'${REAL_EPOCHS[*]}', '${REAL_LRS[*]}', '${REAL_FSTRIDES[*]}' and '${REAL_SYNTH[*]}')" >&2
+    [ "${#REAL_EPOCHS[@]}" != "${#REAL_SYNTH[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "${#REAL_SEEDS[@]}" ]; then
+    echo "default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES, REAL_SYNTH and REAL_SEEDS need one entry per real" \
+        "stage (got '${REAL_EPOCHS[*]}', '${REAL_LRS[*]}', '${REAL_FSTRIDES[*]}', '${REAL_SYNTH[*]}' and" \
+        "'${REAL_SEEDS[*]}')" >&2
     exit 2
 fi
+for seeds in "${REAL_SEEDS[@]}"; do
+    if ! [[ $seeds =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+        echo "default_model.sh: REAL_SEEDS entries are a seed or comma-separated seeds (got '$seeds')" >&2
+        exit 2
+    fi
+done
 synth_data() {  # synth_data NAME: the folder of a REAL_SYNTH entry
     case $1 in
         espeak) echo "$DATA" ;; tts) echo "$TTS_DATA" ;; tts600) echo "$MORE_TTS_DATA" ;;
@@ -179,14 +183,14 @@ fi
 
 # 4. Real voices: fine-tune the base on real training speakers + FSDD + the synthetic speech, every word (and within
 #    it every source) drawn equally often; the real validation speakers pick the epoch ("Inf", trained at r=0). In
-#    stages like step 2: stage k continues from stage k-1's best epoch with a new warm-up, cosine and seed k-1; the
-#    last stage runs once per seed of REAL_LAST_SEEDS. Stages 1-2 mix in espeak-ng's speech, the later ones the three
-#    engines' (that is how the shipped model was made: the third stage with flite's and festival's voices gained 3.4
-#    points on the real test speakers and 7.4 on FSDD's against the same stage without them, the later stages more;
-#    the last two have three times the synthetic clips; docs/BENCHMARKS.md). The validation speakers pick the stage
-#    (or run): the 20 real ones and FSDD's one, each weighted as a speaker (FSDD's 500 clips, counted like the 280
-#    real ones, had outvoted the real speakers; docs/BENCHMARKS.md). Then "Train+Inf": the last stage's data with
-#    r = R_TRAIN merged in every block, continuing from the chosen stage at a lower rate.
+#    stages like step 2: stage k continues from stage k-1's best epoch (or best run) with a new warm-up, cosine and
+#    its REAL_SEEDS. Stages 1-2 mix in espeak-ng's speech, the later ones the three engines' (that is how the shipped
+#    model was made: the third stage with flite's and festival's voices gained 3.4 points on the real test speakers
+#    and 7.4 on FSDD's against the same stage without them, the later stages more; the last three have three times
+#    the synthetic clips; docs/BENCHMARKS.md). The validation speakers pick the run to continue from and, among all
+#    stages' runs, the one to ship: the 20 real ones and FSDD's one, each weighted as a speaker (FSDD's 500 clips,
+#    counted like the 280 real ones, had outvoted the real speakers; docs/BENCHMARKS.md). Then "Train+Inf": the last
+#    stage's data with r = R_TRAIN merged in every block, continuing from the chosen run at a lower rate.
 REAL_REST=(--val "$REAL_DATA/sc/val.json" --labels "$DATA/labels.csv" --balance --speed 0.15 --gain-db 6 --reverb 0.3
            --noise-clips "$REAL_DATA/sc/noise.txt" --bg-noise 0.6 --snr-db 5 25)
 mixed_train() {  # mixed_train K: the --train manifests of real stage K (1-based)
@@ -199,19 +203,27 @@ real_stage() {  # real_stage K SEED INIT OUT: trains real stage K (1-based) from
         --fstride "${REAL_FSTRIDES[$1 - 1]}" --warmup-steps 100 --epochs "${REAL_EPOCHS[$1 - 1]}" --seed "$2" \
         --name default --out "$4"
 }
+REAL_VAL=$REAL_DATA/sc/val.json,$REAL_DATA/fsdd/val.json
 LAST=${#REAL_EPOCHS[@]}
-REAL_STAGES=()
+REAL_RUNS=()
 start=$BEST
-for ((k = 1; k < LAST; k++)); do
-    real_stage "$k" $((k - 1)) "$start" "$WORK/real_stage$k"
-    start=$WORK/real_stage$k
-    REAL_STAGES+=("$start")
+for ((k = 1; k <= LAST; k++)); do
+    seeds=${REAL_SEEDS[k - 1]}
+    if [[ $seeds != *,* ]]; then
+        real_stage "$k" "$seeds" "$start" "$WORK/real_stage$k"
+        start=$WORK/real_stage$k
+        REAL_RUNS+=("$start")
+    else
+        runs=()
+        for seed in ${seeds//,/ }; do
+            real_stage "$k" "$seed" "$start" "$WORK/real_stage${k}_seed$seed"
+            runs+=("$WORK/real_stage${k}_seed$seed")
+        done
+        REAL_RUNS+=("${runs[@]}")
+        start=$(best_on_val --per-speaker "$REAL_VAL" "${runs[@]}")
+    fi
 done
-for seed in "${REAL_LAST_SEEDS[@]}"; do
-    real_stage "$LAST" "$seed" "$start" "$WORK/real_stage${LAST}_seed$seed"
-    REAL_STAGES+=("$WORK/real_stage${LAST}_seed$seed")
-done
-REAL_BEST=$(best_on_val --per-speaker "$REAL_DATA/sc/val.json,$REAL_DATA/fsdd/val.json" "${REAL_STAGES[@]}")
+REAL_BEST=$(best_on_val --per-speaker "$REAL_VAL" "${REAL_RUNS[@]}")
 # shellcheck disable=SC2046
 "$FASTAST" train $(mixed_train "$LAST") "${REAL_REST[@]}" "${STUDENT[@]}" --init "$REAL_BEST" \
     --r-train "$R_TRAIN" --lr 1e-4 --warmup-steps 50 --epochs "$TOME_EPOCHS" --seed 1 --name default-train-inf \

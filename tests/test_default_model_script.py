@@ -70,11 +70,13 @@ def plain_stages(calls: list[str], work: Path) -> list[str]:
     return stages
 
 
-def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str) -> None:
+def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path, shipped: str,
+                         continued: str = "real_stage10_seed10") -> None:
     """Real data prepared first; the base fine-tuned on mixed data in stages (espeak-ng speech in stages 1-2, the
-    three engines' after, three times as much of it in stages 9-10), the last stage once per seed from stage 9; the
-    run that ships and that Train+Inf continues from is the best on the real and FSDD validation speakers, each
-    weighted as a speaker; tables on the real test speakers."""
+    three engines' after, three times as much of it in stages 9-11), stages 10 and 11 once per seed, stage 11 from
+    stage 10's run best on validation (`continued`); the run that ships and that Train+Inf continues from is the
+    best of all on the real and FSDD validation speakers, each weighted as a speaker; tables on the real test
+    speakers."""
     work, real = tmp_path / "work", tmp_path / "real"
     prepares = [c for c in calls if c.startswith("prepare-data")]
     assert [c.split()[1] for c in prepares] == ["speechcommands-real", "fsdd"]
@@ -82,19 +84,18 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     stages = [trains[f"{work}/{name}"] for name in REAL_RUNS]
     tome = trains[f"{work}/real_tome"]
     assert calls.index(prepares[-1]) < calls.index(stages[0]) < calls.index(stages[-1]) < calls.index(tome)
-    last = len(REAL_EPOCHS)
-    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in range(1, last - 1))]
-    starts += [f"{work}/real_stage{last - 1}"] * len(LAST_SEEDS)
+    starts = [f"{work}/{base}", *(f"{work}/real_stage{k}" for k in range(1, 9))]
+    starts += [f"{work}/real_stage9"] * 4 + [f"{work}/{continued}"] * 4
     assert [args_of(c, "--init") for c in stages] == starts
-    assert [args_of(c, "--seed") for c in stages] == [*(str(k) for k in range(last - 1)), *LAST_SEEDS]
-    settings = list(zip(REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES))
-    settings += [settings[-1]] * (len(LAST_SEEDS) - 1)
+    assert [args_of(c, "--seed") for c in stages] == [s for seeds in REAL_SEEDS for s in seeds.split(",")]
+    settings = [setting for setting, seeds in zip(zip(REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES), REAL_SEEDS)
+                for _ in seeds.split(",")]
     assert [(args_of(c, "--epochs"), args_of(c, "--lr"), args_of(c, "--fstride")) for c in stages] == settings
     assert not any("--tstride" in c for c in stages)
     assert not any("--r-train" in c for c in stages)
     assert args_of(tome, "--init") == f"{work}/{shipped}" and args_of(tome, "--r-train") == "6"
     assert "stride" not in tome  # Train+Inf keeps the patch grid of the model it continues from
-    synthetic = ["data", "data", *["data-tts"] * 6, *["data-tts600"] * (len(LAST_SEEDS) + 2)]  # then Train+Inf
+    synthetic = ["data", "data", *["data-tts"] * 6, *["data-tts600"] * 10]  # stages 9-11, then Train+Inf
     for call, folder in zip((*stages, tome), synthetic, strict=True):
         manifests = call.split("--train ")[1].split(" --")[0].split()
         assert manifests == [f"{tmp_path}/{folder}/train.json", f"{real}/sc/train.json", f"{real}/fsdd/train.json"]
@@ -113,17 +114,18 @@ def check_real_fine_tune(calls: list[str], tmp_path: Path, base: str, out: Path,
     assert args_of(sweeps[1], "--model") == f"{work}/real_tome" and args_of(sweeps[1], "--card") == str(out)
 
 
-# The shipped model's real stages: epochs, peak learning rates and patch strides along frequency; the seeds of the
-# last stage's runs; the runs' folders.
-REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10", "5", "5"]
-REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 4
-REAL_FSTRIDES = ["16"] * 10
-LAST_SEEDS = ["10", "11", "12", "13"]
-REAL_RUNS = [*(f"real_stage{k}" for k in range(1, 10)), *(f"real_stage10_seed{seed}" for seed in LAST_SEEDS)]
+# The shipped model's real stages: epochs, peak learning rates, patch strides along frequency and seeds (stages 10
+# and 11 run once per seed); the runs' folders.
+REAL_EPOCHS = ["10", "10", "6", "10", "10", "16", "10", "10", "5", "5", "5"]
+REAL_LRS = ["3e-4"] * 6 + ["1e-4"] * 5
+REAL_FSTRIDES = ["16"] * 11
+REAL_SEEDS = [*(str(k) for k in range(9)), "10,11,12,13", "14,15,16,17"]
+REAL_RUNS = [*(f"real_stage{k}" for k in range(1, 10)), *(f"real_stage10_seed{seed}" for seed in (10, 11, 12, 13)),
+             *(f"real_stage11_seed{seed}" for seed in (14, 15, 16, 17))]
 REAL_STAGES = dict.fromkeys(REAL_RUNS, 0.60) | {"real_stage2": 0.70, "real_stage3": 0.66}
 
 
-@pytest.mark.parametrize("shipped", ["real_stage2", "real_stage10_seed12"])
+@pytest.mark.parametrize("shipped", ["real_stage2", "real_stage10_seed12", "real_stage11_seed15"])
 def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path, shipped):
     calls, out = run_script(tmp_path, REAL_STAGES | {shipped: 0.75}, with_teacher=False)
     assert calls[0].startswith("synth-commands") and "--engines" not in calls[0]
@@ -132,7 +134,9 @@ def test_script_fine_tunes_the_synthetic_student_on_real_voices(tmp_path, shippe
     assert args_of(calls[2], "--engines") == "espeak-ng,flite,festival"
     plain_stages(calls, tmp_path / "work")
     assert not any("efficientnet_b2" in c or c.startswith("distill") for c in calls)
-    check_real_fine_tune(calls, tmp_path, "student", out, shipped=shipped)
+    # Stage 11 continues from stage 10's best run (the first of equals when none leads).
+    continued = shipped if shipped.startswith("real_stage10") else "real_stage10_seed10"
+    check_real_fine_tune(calls, tmp_path, "student", out, shipped=shipped, continued=continued)
 
 
 @pytest.mark.parametrize("cmkd_wins", [False, True])
@@ -165,18 +169,17 @@ def test_fsdds_one_validation_speaker_weighs_as_much_as_an_average_speaker(tmp_p
 
 def test_a_real_stage_can_move_to_overlapping_patches_and_train_inf_keeps_them(tmp_path):
     knobs = {"REAL_EPOCHS": "10 10", "REAL_LRS": "3e-4 1e-4", "REAL_FSTRIDES": "16 8", "REAL_SYNTH": "espeak tts",
-             "REAL_LAST_SEEDS": "1"}
-    calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2_seed1": 0.7}, with_teacher=False, **knobs)
+             "REAL_SEEDS": "0 1"}
+    calls, out = run_script(tmp_path, {"real_stage1": 0.6, "real_stage2": 0.7}, with_teacher=False, **knobs)
     # No stage uses the 600-per-word set, so it is not made.
     assert [args_of(c, "--out") for c in calls if c.startswith("synth-commands")] == [
         f"{tmp_path}/data", f"{tmp_path}/data-tts"]
     trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
     work = tmp_path / "work"
-    assert [args_of(trains[f"{work}/{run}"], "--fstride") for run in ("real_stage1", "real_stage2_seed1")] == [
-        "16", "8"]
-    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/real_stage2_seed1"
+    assert [args_of(trains[f"{work}/{run}"], "--fstride") for run in ("real_stage1", "real_stage2")] == ["16", "8"]
+    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/real_stage2"
     assert "stride" not in trains[f"{work}/real_tome"]
-    assert (out / "model.safetensors").read_text().strip() == "real_stage2_seed1"
+    assert (out / "model.safetensors").read_text().strip() == "real_stage2"
 
 
 def run_refused(tmp_path: Path, **knobs: str) -> str:
@@ -188,19 +191,25 @@ def run_refused(tmp_path: Path, **knobs: str) -> str:
     return result.stderr.strip()
 
 
-@pytest.mark.parametrize("lrs, fstrides, synth", [("3e-4", "16 8", "tts tts"), ("3e-4 1e-4", "8", "tts tts"),
-                                                  ("3e-4 1e-4", "16 8", "tts600")])
-def test_one_learning_rate_stride_and_synthetic_set_per_real_stage_or_a_one_line_error(tmp_path, lrs, fstrides, synth):
-    error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS=lrs, REAL_FSTRIDES=fstrides, REAL_SYNTH=synth)
-    assert error == ("default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES and REAL_SYNTH need one entry per real "
-                     f"stage (got '10 10', '{lrs}', '{fstrides}' and '{synth}')")
+@pytest.mark.parametrize("lrs, fstrides, synth, seeds", [("3e-4", "16 8", "tts tts", "0 1"),
+                                                         ("3e-4 1e-4", "8", "tts tts", "0 1"),
+                                                         ("3e-4 1e-4", "16 8", "tts600", "0 1"),
+                                                         ("3e-4 1e-4", "16 8", "tts tts", "0,1")])
+def test_one_setting_of_each_kind_per_real_stage_or_a_one_line_error(tmp_path, lrs, fstrides, synth, seeds):
+    error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS=lrs, REAL_FSTRIDES=fstrides, REAL_SYNTH=synth,
+                        REAL_SEEDS=seeds)
+    assert error == ("default_model.sh: REAL_EPOCHS, REAL_LRS, REAL_FSTRIDES, REAL_SYNTH and REAL_SEEDS need one entry "
+                     f"per real stage (got '10 10', '{lrs}', '{fstrides}', '{synth}' and '{seeds}')")
 
 
 def test_an_unknown_synthetic_set_is_a_one_line_error(tmp_path):
     error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS="3e-4 1e-4", REAL_FSTRIDES="16 16",
-                        REAL_SYNTH="tts festival")
+                        REAL_SYNTH="tts festival", REAL_SEEDS="0 1")
     assert error == "default_model.sh: REAL_SYNTH entries are espeak, tts or tts600 (got 'festival')"
 
 
-def test_the_last_stage_needs_a_seed(tmp_path):
-    assert run_refused(tmp_path, REAL_LAST_SEEDS=" ") == "default_model.sh: REAL_LAST_SEEDS needs at least one seed"
+@pytest.mark.parametrize("entry", ["1,,2", "a", "3,"])
+def test_a_seed_entry_is_a_seed_or_comma_separated_seeds_or_a_one_line_error(tmp_path, entry):
+    error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS="3e-4 1e-4", REAL_FSTRIDES="16 16",
+                        REAL_SYNTH="tts tts", REAL_SEEDS=f"0 {entry}")
+    assert error == f"default_model.sh: REAL_SEEDS entries are a seed or comma-separated seeds (got '{entry}')"
