@@ -41,9 +41,11 @@ TEACHER_EPOCHS=${TEACHER_EPOCHS:-9}
 # along frequency (8 would mean overlapping patches: twice the tokens and the compute, position embeddings
 # interpolated to the new grid; tried as a ninth stage, it did not pay for its cost: docs/BENCHMARKS.md) and
 # synthetic speech: espeak (DATA), tts (TTS_DATA) or tts600 (MORE_TTS_DATA; 5 epochs of it are as many steps as 10
-# of the others) and seed: one, or several comma-separated for a stage that runs once per seed from the stage
-# before, the next stage continuing from the run best on validation (four runs of one stage differed by up to 3
-# points on validation; docs/BENCHMARKS.md).
+# of the others), and seeds: one, or several for a stage that runs once per seed from the stage before. Joined by
+# "," the run best on validation goes on; joined by "+" the runs' weight average (`fastast average`, into
+# real_stageK_average) goes on and alone stands for the stage in the final choice: validation could not order runs
+# of one stage, and twice the average beat its runs on every test set (docs/BENCHMARKS.md). The shipped model was
+# made with ","; "+" is for the next re-run.
 read -r -a REAL_EPOCHS <<<"${REAL_EPOCHS:-10 10 6 10 10 16 10 10 5 5 5}"
 read -r -a REAL_LRS <<<"${REAL_LRS:-3e-4 3e-4 3e-4 3e-4 3e-4 3e-4 1e-4 1e-4 1e-4 1e-4 1e-4}"
 read -r -a REAL_FSTRIDES <<<"${REAL_FSTRIDES:-16 16 16 16 16 16 16 16 16 16 16}"
@@ -57,8 +59,8 @@ if [ "${#REAL_EPOCHS[@]}" != "${#REAL_LRS[@]}" ] || [ "${#REAL_EPOCHS[@]}" != "$
     exit 2
 fi
 for seeds in "${REAL_SEEDS[@]}"; do
-    if ! [[ $seeds =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-        echo "default_model.sh: REAL_SEEDS entries are a seed or comma-separated seeds (got '$seeds')" >&2
+    if ! [[ $seeds =~ ^[0-9]+((,[0-9]+)*|(\+[0-9]+)*)$ ]]; then
+        echo "default_model.sh: REAL_SEEDS entries are a seed, or seeds joined by ',' or by '+' (got '$seeds')" >&2
         exit 2
     fi
 done
@@ -209,16 +211,22 @@ REAL_RUNS=()
 start=$BEST
 for ((k = 1; k <= LAST; k++)); do
     seeds=${REAL_SEEDS[k - 1]}
-    if [[ $seeds != *,* ]]; then
+    if [[ $seeds =~ ^[0-9]+$ ]]; then
         real_stage "$k" "$seeds" "$start" "$WORK/real_stage$k"
         start=$WORK/real_stage$k
         REAL_RUNS+=("$start")
+        continue
+    fi
+    runs=()
+    for seed in ${seeds//[,+]/ }; do
+        real_stage "$k" "$seed" "$start" "$WORK/real_stage${k}_seed$seed"
+        runs+=("$WORK/real_stage${k}_seed$seed")
+    done
+    if [[ $seeds == *+* ]]; then
+        "$FASTAST" average "${runs[@]}" --out "$WORK/real_stage${k}_average" --force
+        start=$WORK/real_stage${k}_average
+        REAL_RUNS+=("$start")
     else
-        runs=()
-        for seed in ${seeds//,/ }; do
-            real_stage "$k" "$seed" "$start" "$WORK/real_stage${k}_seed$seed"
-            runs+=("$WORK/real_stage${k}_seed$seed")
-        done
         REAL_RUNS+=("${runs[@]}")
         start=$(best_on_val --per-speaker "$REAL_VAL" "${runs[@]}")
     fi

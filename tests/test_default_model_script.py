@@ -208,8 +208,33 @@ def test_an_unknown_synthetic_set_is_a_one_line_error(tmp_path):
     assert error == "default_model.sh: REAL_SYNTH entries are espeak, tts or tts600 (got 'festival')"
 
 
-@pytest.mark.parametrize("entry", ["1,,2", "a", "3,"])
-def test_a_seed_entry_is_a_seed_or_comma_separated_seeds_or_a_one_line_error(tmp_path, entry):
+@pytest.mark.parametrize("entry", ["1,,2", "a", "3,", "1,2+3", "+4"])
+def test_a_seed_entry_is_a_seed_or_seeds_joined_by_comma_or_plus_or_a_one_line_error(tmp_path, entry):
     error = run_refused(tmp_path, REAL_EPOCHS="10 10", REAL_LRS="3e-4 1e-4", REAL_FSTRIDES="16 16",
                         REAL_SYNTH="tts tts", REAL_SEEDS=f"0 {entry}")
-    assert error == f"default_model.sh: REAL_SEEDS entries are a seed or comma-separated seeds (got '{entry}')"
+    assert error == f"default_model.sh: REAL_SEEDS entries are a seed, or seeds joined by ',' or by '+' (got '{entry}')"
+
+
+@pytest.mark.parametrize("stage2, shipped", [(0.7, "real_stage2_average"), (0.5, "real_stage1")])
+def test_a_stage_with_seeds_joined_by_plus_goes_on_as_the_average_of_its_runs(tmp_path, stage2, shipped):
+    knobs = {"REAL_EPOCHS": "10 5 5", "REAL_LRS": "3e-4 1e-4 1e-4", "REAL_FSTRIDES": "16 16 16",
+             "REAL_SYNTH": "tts tts600 tts600", "REAL_SEEDS": "0 1+2+3 4,5"}
+    # The runs of stage 2 would win on validation; only their average is a candidate.
+    accuracy = {"real_stage1": 0.6, "real_stage2_average": stage2, "real_stage3_seed4": 0.55, "real_stage3_seed5": 0.4,
+                **dict.fromkeys(("real_stage2_seed1", "real_stage2_seed2", "real_stage2_seed3"), 0.9)}
+    calls, out = run_script(tmp_path, accuracy, with_teacher=False, **knobs)
+    work = tmp_path / "work"
+    runs = [f"{work}/real_stage2_seed{seed}" for seed in (1, 2, 3)]
+    trains = {args_of(c, "--out"): c for c in calls if c.startswith("train")}
+    assert [args_of(trains[run], "--init") for run in runs] == [f"{work}/real_stage1"] * 3
+    assert [args_of(trains[run], "--seed") for run in runs] == ["1", "2", "3"]
+    average = next(c for c in calls if c.startswith("average"))
+    assert average.split() == ["average", *runs, "--out", f"{work}/real_stage2_average", "--force"]
+    assert calls.index(trains[runs[-1]]) < calls.index(average) < calls.index(trains[f"{work}/real_stage3_seed4"])
+    assert {args_of(trains[f"{work}/real_stage3_seed{seed}"], "--init") for seed in (4, 5)} == {
+        f"{work}/real_stage2_average"}
+    evaluated = {args_of(c, "--model") for c in calls if c.startswith("evaluate") and "--json" in c}
+    assert evaluated == {f"{work}/{name}" for name in
+                         ("real_stage1", "real_stage2_average", "real_stage3_seed4", "real_stage3_seed5")}
+    assert args_of(trains[f"{work}/real_tome"], "--init") == f"{work}/{shipped}"
+    assert (out / "model.safetensors").read_text().strip() == shipped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastast.errors import CheckpointError, FastASTError
+from fastast.errors import FastASTError
 
 
 _ORIGINAL_ONLY = {"--labels": "labels", "--target-length": "target_length", "--mean": "mean", "--std": "std"}
@@ -40,11 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fastast.model import importers
     from fastast.model.card import AUDIOSET_MEAN, AUDIOSET_STD
-    from fastast.model.store import CARD, WEIGHTS, save_model
+    from fastast.model.store import refuse_overwrite, save_model
 
     out: Path = args.out
-    if not args.force and ((out / CARD).exists() or (out / WEIGHTS).exists()):
-        raise CheckpointError(f"{out} already holds a model; use --force to overwrite it")
+    refuse_overwrite(out, args.force)
     if args.kind == "hf":
         given = [flag for flag, value in _ORIGINAL_ONLY.items() if getattr(args, value) is not None]
         if given:

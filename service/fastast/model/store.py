@@ -86,6 +86,12 @@ def _short(items: list[str], limit: int = 4) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def refuse_overwrite(directory: Path, force: bool) -> None:
+    """A command that writes a model into `directory` does not silently replace one already there."""
+    if not force and ((directory / CARD).exists() or (directory / WEIGHTS).exists()):
+        raise CheckpointError(f"{directory} already holds a model; use --force to overwrite it")
+
+
 def save_model(directory: str | Path, network: nn.Module, card: ModelCard) -> ModelCard:
     """Write weights and card; the card gets the weights' sha256. Returns the card as written."""
     directory = Path(directory)
