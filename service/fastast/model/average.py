@@ -15,7 +15,7 @@ from torch import nn
 
 from fastast.errors import CheckpointError
 from fastast.model.card import ModelCard
-from fastast.model.store import build_network, load_model, load_state_dict_checked
+from fastast.model.store import load_model
 
 # What must be equal for weights to be averaged and the result fed and read like each of them.
 SAME = ("arch", "input", "labels", "task")
@@ -24,8 +24,8 @@ SAME = ("arch", "input", "labels", "task")
 def average_models(directories: Sequence[str | Path]) -> tuple[nn.Module, ModelCard]:
     """The network whose every tensor is the mean of the models' (each verified on load), and its card.
 
-    The card is the first model's, without its r_table (measured on other weights) and with a provenance naming the
-    averaged models by folder and sha256.
+    The card is the first model's, without its r_table (measured on other weights) or sha256 (save_model writes the
+    new one), and with a provenance naming the averaged models by folder and sha256.
     """
     if len(directories) < 2:
         raise CheckpointError(f"averaging needs at least two models, got {len(directories)}")
@@ -38,10 +38,10 @@ def average_models(directories: Sequence[str | Path]) -> tuple[nn.Module, ModelC
     states = [model.net.state_dict() for model in models]
     mean = {key: torch.stack([state[key].double() for state in states]).mean(dim=0).to(tensor.dtype)
             for key, tensor in states[0].items()}
-    network = build_network(first)
-    load_state_dict_checked(network, mean, "the averaged weights")
+    network = models[0].net  # already built for this card: it takes the mean in place of its own weights
+    network.load_state_dict(mean)
     provenance = {
         "source": "fastast average",
         "models": [{"model": str(d), "weights_sha256": m.card.weights_sha256} for d, m in zip(directories, models)],
     }
-    return network, first.model_copy(update={"r_table": [], "provenance": provenance})
+    return network, first.model_copy(update={"r_table": [], "provenance": provenance, "weights_sha256": ""})
